@@ -1,0 +1,324 @@
+"""Command line: `python -m mctlib {experts,convexify,distill,evaluate,bench} ...`.
+
+Every config field has a flag, generated from the dataclasses in `config.py`; the command's own
+config is unprefixed (`--syn-steps`), the others carry a prefix (`--net-width`, `--eval-epochs`,
+`--data-zca`). Values come from, in order: the defaults, `--preset NAME`, `--config FILE` (JSON
+with sections data/net/expert/distill/eval), then explicit flags. Everything is validated before
+any work starts; an error names the flag and the allowed range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+
+from .config import DataConfig, DistillConfig, EvalConfig, ExpertConfig, get_preset, presets
+from .networks import NetConfig
+
+SECTIONS = {"data": DataConfig, "net": NetConfig, "expert": ExpertConfig, "distill": DistillConfig, "eval": EvalConfig}
+FLAG_PREFIX = {"data": "data-", "net": "net-", "expert": "expert-", "distill": "", "eval": "eval-"}
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        if text.lower() in ("none", "null", ""):
+            return None
+        return kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_section(parser: argparse.ArgumentParser, section: str, primary: bool) -> None:
+    cls = SECTIONS[section]
+    group = parser.add_argument_group(f"{section} settings" + ("" if primary else f" (prefix --{FLAG_PREFIX[section]})"))
+    prefix = "" if primary else FLAG_PREFIX[section]
+    for f in dataclasses.fields(cls):
+        flag = "--" + prefix + f.name.replace("_", "-")
+        if section == "data" and f.name == "name":
+            flag = "--dataset"
+        dest = f"{section}.{f.name}"
+        kind = str(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"(default {default!r})"
+        if kind.startswith("bool"):
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+        elif kind.startswith("tuple"):
+            group.add_argument(flag, dest=dest, nargs="+", default=argparse.SUPPRESS, help=help_text)
+        else:
+            base = {"int": int, "float": float, "str": str}[kind.split()[0].split("|")[0]]
+            parse = _parse_optional(base) if "None" in kind else base
+            group.add_argument(flag, dest=dest, type=parse, default=argparse.SUPPRESS, metavar=base.__name__.upper(),
+                               help=help_text)
+
+
+def _flag_for(section: str, field: str, primary: str) -> str:
+    if section == "data" and field == "name":
+        return "--dataset"
+    return "--" + ("" if section == primary else FLAG_PREFIX[section]) + field.replace("_", "-")
+
+
+def build_configs(args: argparse.Namespace, sections: list[str], primary: str,
+                  parser: argparse.ArgumentParser) -> dict:
+    """Defaults <- preset <- --config file <- flags; invalid values become parser errors naming the flag."""
+    values: dict[str, dict] = {s: {} for s in SECTIONS}
+    preset = getattr(args, "preset", None)
+    if preset:
+        try:
+            p = get_preset(preset)
+        except ValueError as err:
+            parser.error(str(err))
+        for s in SECTIONS:
+            values[s] = getattr(p, s).to_dict()
+    config_file = getattr(args, "config", None)
+    if config_file:
+        try:
+            loaded = json.loads(Path(config_file).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            parser.error(f"--config {config_file}: cannot read JSON ({err})")
+        for s, d in loaded.items():
+            if s not in SECTIONS:
+                parser.error(f"--config {config_file}: unknown section {s!r}; sections: {sorted(SECTIONS)}")
+            values[s].update(d)
+    for key, value in vars(args).items():
+        if "." in key:
+            s, name = key.split(".", 1)
+            values[s][name] = value
+    if not preset and "net" in sections:
+        _fit_net_to_data(values, args)
+    configs = {}
+    for s in sections:
+        try:
+            configs[s] = SECTIONS[s].from_dict(values[s])
+        except (ValueError, TypeError) as err:
+            message = str(err)
+            match = re.search(r"(\w+Config)\.(\w+)", message)
+            if match:
+                sec = next(k for k, v in SECTIONS.items() if v.__name__ == match.group(1))
+                message = f"{_flag_for(sec, match.group(2), primary)}: {message}"
+            parser.error(message)
+    return configs
+
+
+def _fit_net_to_data(values: dict, args) -> None:
+    """Without a preset, shape the network to the dataset (channels, classes, image size)."""
+    from .data import DATASETS
+
+    name = values["data"].get("name", "digits")
+    shapes = {"digits": (1, 10, 16), "mnist": (1, 10, 28), "fashion_mnist": (1, 10, 28), "cifar10": (3, 10, 32),
+              "cifar100": (3, 100, 32), "svhn": (3, 10, 32), "tiny_imagenet": (3, 200, 64)}
+    if name in DATASETS and name in shapes:
+        channels, classes, size = shapes[name]
+        size = values["data"].get("image_size") or size
+        for field, value in (("channels", channels), ("num_classes", classes), ("image_size", size)):
+            values["net"].setdefault(field, value)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="a named preset (see `mctlib distill --list-presets`)")
+    parser.add_argument("--config", help="JSON file with sections data/net/expert/distill/eval")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mctlib", description="Matching Convexified Trajectory dataset distillation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("experts", help="train experts and record their trajectories")
+    _common(p)
+    p.add_argument("--out", required=True, help="folder for the trajectory store (must not hold one)")
+    p.add_argument("--ensemble-size", type=int, default=8, help="experts trained at once (vmap)")
+    for s in ("expert", "data", "net"):
+        _add_section(p, s, s == "expert")
+
+    p = sub.add_parser("convexify", help="turn a store of full buffers into convexified records")
+    p.add_argument("--store", required=True, help="a store of full buffers (from `experts --record full`)")
+    p.add_argument("--out", required=True, help="folder for the convexified store")
+    p.add_argument("--num-waypoints", type=int, default=4, help="K (2: the single segment theta_0 -> theta_E)")
+    p.add_argument("--beta-schedule", default="arc_length", choices=("arc_length", "uniform", "projected"))
+    p.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--store-theta0", action=argparse.BooleanOptionalAction, default=True,
+                   help="store theta_0 (--no-store-theta0: regenerate it from the init seed)")
+
+    p = sub.add_parser("distill", help="distill a synthetic set by trajectory matching")
+    _common(p)
+    p.add_argument("--store", required=True, help="trajectory store made by `experts` or `convexify`")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--list-presets", action="store_true", help=argparse.SUPPRESS)
+    for s in ("distill", "eval", "data"):
+        _add_section(p, s, s == "distill")
+
+    p = sub.add_parser("evaluate", help="train fresh networks on a synthetic set or a baseline")
+    _common(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--synthetic", help="synthetic_best/final.safetensors from a distill run")
+    source.add_argument("--baseline", choices=("random_real", "full"), help="evaluate a baseline instead")
+    p.add_argument("--ipc", type=int, default=10, help="images per class of the random_real baseline")
+    p.add_argument("--lr", type=float, default=0.01, help="lr for the baselines (a synthetic set uses its alpha)")
+    p.add_argument("--out", required=True, help="folder for metrics.json")
+    for s in ("eval", "data", "net"):
+        _add_section(p, s, s == "eval")
+
+    p = sub.add_parser("bench", help="benchmark the engine; prints a table and writes JSON", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("presets", help="list the named presets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(args.bench_args)
+    if args.command == "presets":
+        for name, p in sorted(presets().items()):
+            d = p.distill
+            print(f"{name:24s} ipc {d.ipc:3d} syn_steps {d.syn_steps:3d} expert_epochs {d.expert_epochs:g} "
+                  f"max_start {d.max_start_epoch:g} lr_img {d.lr_img:g} lr_lr {d.lr_lr:g}  {p.note}")
+        return 0
+    return {"experts": _experts, "convexify": _convexify, "distill": _distill, "evaluate": _evaluate}[args.command](
+        args, parser)
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
+def _load_data(cfg: DataConfig):
+    from .data import load_dataset
+
+    return load_dataset(cfg.name, root=cfg.root, download=cfg.download, image_size=cfg.image_size, zca=cfg.zca)
+
+
+def _experts(args, parser) -> int:
+    sp = _subparser(parser, "experts")
+    c = build_configs(args, ["expert", "data", "net"], "expert", sp)
+    out = Path(args.out)
+    if (out / "manifest.json").exists():
+        sp.error(f"--out {out} already holds a trajectory store; choose another folder")
+    from .device import resolve_device
+    from .experts import make_experts
+
+    device = resolve_device(args.device)
+    data = _load_data(c["data"])
+    _check_net_data(sp, c["net"], data)
+    store = make_experts(data, c["net"], c["expert"], out, device=device, progress=not args.no_progress)
+    stats = store.manifest["stats"]
+    acc = stats["test_accuracy"]
+    print(f"{len(acc)} experts ({store.kind} records) in {stats['seconds']:.1f}s, test accuracy "
+          f"{100 * sum(acc) / len(acc):.2f}%, {store.bytes_per_expert / 1e6:.3f} MB per expert -> {out}")
+    return 0
+
+
+def _check_net_data(sp, net: NetConfig, data) -> None:
+    if (net.channels, net.image_size, net.num_classes) != (data.channels, data.image_size[0], data.num_classes):
+        sp.error(f"the network expects {net.channels}x{net.image_size}x{net.image_size} images and {net.num_classes} "
+                 f"classes, the dataset has {data.channels}x{data.image_size[0]}x{data.image_size[1]} and "
+                 f"{data.num_classes}; set --net-channels/--net-image-size/--net-num-classes or --data-image-size")
+
+
+def _convexify(args, parser) -> int:
+    from .networks import FlatModel, build_network
+    from .storage import load_store, save_store
+    from .trajectories import convexify
+
+    sp = _subparser(parser, "convexify")
+    store = load_store(args.store)
+    if store.kind != "full":
+        sp.error(f"--store {args.store} holds {store.kind} records; convexify needs full buffers")
+    if not 2 <= args.num_waypoints <= store.records[0].epochs + 1:
+        sp.error(f"--num-waypoints {args.num_waypoints} must lie in [2, {store.records[0].epochs + 1}]")
+    if (Path(args.out) / "manifest.json").exists():
+        sp.error(f"--out {args.out} already holds a trajectory store; choose another folder")
+    model = FlatModel(build_network(store.net))
+    records = [convexify(r, model.layer_slices, args.num_waypoints, args.beta_schedule, args.smooth)
+               for r in store.records]
+    m = store.manifest
+    recipe = {**m["recipe"], "record": "convex", "num_waypoints": args.num_waypoints,
+              "beta_schedule": args.beta_schedule, "smooth": args.smooth, "store_theta0": args.store_theta0}
+    save_store(args.out, records, store.net, m["dataset"], recipe, [e["init_seed"] for e in m["experts"]],
+               store_theta0=args.store_theta0,
+               extra={"stats": m.get("stats"), "beta_schedule": args.beta_schedule, "smooth": args.smooth,
+                      "converted_from": str(args.store)})
+    new = load_store(args.out)
+    print(f"{len(records)} experts: {store.bytes_per_expert / 1e6:.3f} MB -> {new.bytes_per_expert / 1e6:.3f} MB "
+          f"per expert ({store.bytes_per_expert / new.bytes_per_expert:.1f}x smaller) -> {args.out}")
+    return 0
+
+
+def _distill(args, parser) -> int:
+    sp = _subparser(parser, "distill")
+    c = build_configs(args, ["distill", "eval", "data"], "distill", sp)
+    from .device import resolve_device
+    from .distill import distill
+    from .storage import StoreError, load_store
+
+    data = _load_data(c["data"])
+    try:
+        store = load_store(args.store, dataset=data.describe())
+    except StoreError as err:
+        sp.error(str(err))
+    out = Path(args.out)
+    if (out / "config.json").exists() and not args.resume:
+        sp.error(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
+    try:
+        result = distill(c["distill"], store, data, c["eval"], out, resume=args.resume,
+                         device=resolve_device(args.device), progress=not args.no_progress,
+                         run_info={"command": sys.argv, "preset": args.preset})
+    except ValueError as err:
+        sp.error(str(err))
+    if result.best:
+        print(f"best: {100 * result.best['mean']:.2f} +- {100 * result.best['std']:.2f}% at iteration "
+              f"{result.best['iteration']}; final: {100 * result.final['mean']:.2f} +- {100 * result.final['std']:.2f}%")
+    print(f"alpha {result.alpha:.5g}; run -> {out}")
+    return 0
+
+
+def _evaluate(args, parser) -> int:
+    sp = _subparser(parser, "evaluate")
+    c = build_configs(args, ["eval", "data", "net"], "eval", sp)
+    from .device import resolve_device, versions
+    from .distill import load_synthetic
+    from .evaluate import evaluate_synthetic, full_data_baseline, random_real_baseline
+    from .storage import atomic_write_json
+
+    data = _load_data(c["data"])
+    _check_net_data(sp, c["net"], data)
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    if (out / "metrics.json").exists():
+        sp.error(f"--out {out} already holds metrics.json; choose another folder")
+    if args.synthetic:
+        try:
+            images, labels, alpha = load_synthetic(args.synthetic)
+        except ValueError as err:
+            sp.error(str(err))
+        results = evaluate_synthetic(images, labels, alpha, data, c["net"], c["eval"], device)
+        source = {"synthetic": args.synthetic, "alpha": alpha}
+    elif args.baseline == "random_real":
+        results = random_real_baseline(data, args.ipc, c["net"], c["eval"], lr=args.lr, seed=c["eval"].seed,
+                                       device=device)
+        source = {"baseline": "random_real", "ipc": args.ipc, "lr": args.lr}
+    else:
+        results = full_data_baseline(data, c["net"], c["eval"], lr=args.lr, device=device)
+        source = {"baseline": "full", "lr": args.lr}
+    for r in results:
+        print(r)
+    atomic_write_json(out / "metrics.json", {"source": source, "results": [r.to_dict() for r in results],
+                                             "config": {s: c[s].to_dict() for s in c}, "versions": versions(),
+                                             "command": sys.argv})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Typed, validated configs and the paper's presets (METHOD.md, "Hyperparameters").
+
+Every config is a small dataclass that checks itself on creation; an error names the field
+and the allowed range. `to_dict`/`from_dict` round-trip through JSON, and the command line
+builds one flag per field from these definitions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .networks import NetConfig
+
+METHODS = ("mtt", "mct")
+SAMPLINGS = ("integer", "continuous")
+GRADIENT_MODES = ("unrolled", "constant_memory", "checkpointed")
+RECORD_KINDS = ("full", "convex")
+BETA_SCHEDULES = ("arc_length", "uniform", "projected")
+INITS = ("real", "noise")
+
+
+def _fail(cls: str, name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{cls}.{name} = {value!r} is invalid: {allowed}")
+
+
+class _Config:
+    """Shared JSON round-trip and validation helpers."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "_Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "_Config":
+        return dataclasses.replace(self, **changes)
+
+    def _check_types(self) -> None:
+        """Reject wrong types early (a papermill string where a number belongs, say)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            optional = "None" in kind
+            if value is None:
+                if not optional:
+                    _fail(type(self).__name__, f.name, value, f"expected {kind}, got None")
+                continue
+            if kind.startswith("bool"):
+                ok = isinstance(value, bool)
+            elif kind.startswith("int"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind.startswith("float"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if ok:
+                    object.__setattr__(self, f.name, float(value))
+            elif kind.startswith("str"):
+                ok = isinstance(value, str)
+            else:
+                ok = True
+            if not ok:
+                _fail(type(self).__name__, f.name, value, f"expected {kind}, got {type(value).__name__}")
+
+    def _range(self, name: str, low: float | None = None, high: float | None = None,
+               low_open: bool = False) -> None:
+        value = getattr(self, name)
+        if value is None:
+            return
+        bad = (low is not None and (value <= low if low_open else value < low)) or (
+            high is not None and value > high) or (isinstance(value, float) and not math.isfinite(value))
+        if bad:
+            lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+            hi = "" if high is None else f"<= {high}"
+            _fail(type(self).__name__, name, value, "must be " + " and ".join(x for x in (lo, hi) if x))
+
+    def _choice(self, name: str, allowed: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value is not None and value not in allowed:
+            _fail(type(self).__name__, name, value, f"choose one of {list(allowed)}")
+
+
+@dataclass
+class DataConfig(_Config):
+    """Which dataset, at which size, with which preprocessing."""
+
+    name: str = "digits"
+    image_size: int | None = None   # None: the dataset's native size (digits: 16)
+    zca: bool = False
+    root: str | None = None         # None: $MCTLIB_DATA or ~/.cache/mctlib/data
+    download: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        from .data import DATASETS
+
+        self._choice("name", DATASETS)
+        self._range("image_size", 1)
+
+
+@dataclass
+class ExpertConfig(_Config):
+    """The expert recipe (plain SGD on the real data) and how its trajectory is recorded."""
+
+    num_experts: int = 5
+    epochs: int = 15
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    dsa: bool = True
+    record: str = "convex"            # full: every epoch (MTT); convex: K waypoints + beta (MCT)
+    num_waypoints: int = 4            # K
+    beta_schedule: str = "arc_length"
+    smooth: bool = True
+    store_theta0: bool = True         # False: theta_0 is regenerated from the init seed
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._range("num_experts", 1)
+        self._range("epochs", 1)
+        self._range("lr", 0, low_open=True)
+        self._range("momentum", 0, 1)
+        self._range("weight_decay", 0)
+        self._range("batch_size", 1)
+        self._choice("record", RECORD_KINDS)
+        self._choice("beta_schedule", BETA_SCHEDULES)
+        self._range("num_waypoints", 2, self.epochs + 1)
+
+
+@dataclass
+class DistillConfig(_Config):
+    """The matching loop: MTT (full buffer, integer starts) or MCT (convexified, continuous tau)."""
+
+    method: str = "mct"
+    sampling: str | None = None       # None: integer for mtt, continuous for mct
+    gradient_mode: str = "unrolled"
+    ipc: int = 10
+    syn_steps: int = 20
+    expert_epochs: float = 2.0        # M
+    max_start_epoch: float = 10.0
+    lr_img: float = 100.0
+    lr_lr: float = 1e-5
+    lr_teacher: float = 0.01          # initial student lr alpha
+    momentum: float = 0.5
+    batch_syn: int | None = None      # None: the whole synthetic set each step
+    iterations: int = 200
+    eval_every: int = 50
+    checkpoint_every: int = 25
+    init: str = "real"
+    dsa: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._choice("method", METHODS)
+        self._choice("sampling", SAMPLINGS)
+        self._choice("gradient_mode", GRADIENT_MODES)
+        self._choice("init", INITS)
+        self._range("ipc", 1)
+        self._range("syn_steps", 1)
+        self._range("expert_epochs", 0, low_open=True)
+        self._range("max_start_epoch", 0)
+        self._range("lr_img", 0, low_open=True)
+        self._range("lr_lr", 0)
+        self._range("lr_teacher", 0, low_open=True)
+        self._range("momentum", 0, 1)
+        self._range("batch_syn", 1)
+        self._range("iterations", 0)
+        self._range("eval_every", 0)
+        self._range("checkpoint_every", 1)
+        if self.method == "mtt" and self.sampling == "continuous":
+            _fail("DistillConfig", "sampling", self.sampling,
+                  "continuous tau needs the convexified record (method 'mct'); a full buffer has only integer epochs")
+        if self.sampling == "integer" and (self.expert_epochs != int(self.expert_epochs)
+                                           or self.max_start_epoch != int(self.max_start_epoch)):
+            _fail("DistillConfig", "expert_epochs", self.expert_epochs,
+                  "integer sampling needs whole-number expert_epochs and max_start_epoch")
+
+    @property
+    def resolved_sampling(self) -> str:
+        return self.sampling or ("integer" if self.method == "mtt" else "continuous")
+
+    @property
+    def record_kind(self) -> str:
+        """The trajectory record this method matches against."""
+        return "full" if self.method == "mtt" else "convex"
+
+
+@dataclass
+class EvalConfig(_Config):
+    """The evaluation protocol: fresh networks trained on the synthetic set alone."""
+
+    num_eval: int = 3
+    epochs: int = 300                 # the papers use 1000
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    dsa: bool = True
+    archs: tuple[str, ...] = ("convnet",)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.archs = tuple(self.archs)
+        self._check_types()
+        self._range("num_eval", 1)
+        self._range("epochs", 1)
+        self._range("momentum", 0, 1)
+        self._range("weight_decay", 0)
+        self._range("batch_size", 1)
+        from .networks import ARCHS
+
+        for arch in self.archs:
+            if arch not in ARCHS:
+                _fail("EvalConfig", "archs", self.archs, f"each must be one of {list(ARCHS)}")
+
+
+@dataclass
+class Preset:
+    """Everything one published (or digits) setting fixes."""
+
+    name: str
+    data: DataConfig
+    net: NetConfig
+    expert: ExpertConfig
+    distill: DistillConfig
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "data": self.data.to_dict(), "net": self.net.to_dict(),
+                "expert": self.expert.to_dict(), "distill": self.distill.to_dict(),
+                "eval": self.eval.to_dict(), "note": self.note}
+
+
+_DATA_SHAPES = {  # channels, image size, classes, arch
+    "cifar10": (3, 32, 10, "convnet"),
+    "cifar100": (3, 32, 100, "convnet"),
+    "tiny_imagenet": (3, 64, 200, "convnet_d4"),
+    "digits": (1, 16, 10, "convnet"),
+}
+
+# MTT as published: (dataset, ipc) -> syn_steps, expert_epochs, max_start, lr_img, lr_lr, lr_teacher, zca, batch_syn
+_MTT = {
+    ("cifar10", 1): (50, 2, 2, 100, 1e-7, 0.01, True, None),
+    ("cifar10", 10): (30, 2, 20, 100, 1e-5, 0.001, True, None),
+    ("cifar10", 50): (30, 2, 40, 1000, 1e-5, 0.001, False, None),
+    ("cifar100", 1): (20, 3, 20, 1000, 1e-5, 0.01, True, None),
+    ("cifar100", 10): (20, 2, 20, 1000, 1e-5, 0.01, False, None),
+    ("cifar100", 50): (80, 2, 40, 1000, 1e-5, 0.01, True, 125),
+    ("tiny_imagenet", 1): (10, 2, 10, 1e4, 1e-4, 0.01, False, None),
+    ("tiny_imagenet", 10): (20, 2, 40, 1e4, 1e-4, 0.01, False, 200),
+    ("tiny_imagenet", 50): (20, 2, 40, 1e4, 1e-4, 0.01, False, 300),
+}
+# MCT authors' CIFAR-10 commands (K = 4): syn_steps, expert_epochs, max_start, lr_img, lr_lr
+_MCT = {
+    ("cifar10", 1): (60, 6, 4, 1e3, 1e-7),
+    ("cifar10", 10): (30, 15, 8, 1e3, 1e-5),
+    ("cifar10", 50): (30, 2, 40, 1e3, 1e-5),
+}
+_PAPER_EXPERT = dict(num_experts=100, epochs=50, lr=0.01, batch_size=256)
+_PAPER_EVAL = dict(num_eval=5, epochs=1000)
+_DIGITS_NET = dict(width=64)
+# Digits on CPU: small, fast, and IPC 1 is where methods differ (METHOD.md).
+_DIGITS = {1: dict(syn_steps=20, expert_epochs=2.0, max_start_epoch=8.0, lr_img=100.0, lr_lr=1e-5),
+           10: dict(syn_steps=20, expert_epochs=2.0, max_start_epoch=8.0, lr_img=100.0, lr_lr=1e-5)}
+
+
+def _paper_preset(method: str, dataset: str, ipc: int) -> Preset:
+    channels, size, classes, arch = _DATA_SHAPES[dataset]
+    steps, m, start, lr_img, lr_lr, lr_teacher, zca, batch_syn = _MTT[(dataset, ipc)]
+    if method == "mct":
+        steps, m, start, lr_img, lr_lr = _MCT[(dataset, ipc)]
+        lr_teacher = _PAPER_EXPERT["lr"]  # alpha starts at the experts' lr
+    return Preset(
+        name=f"{method}-{dataset.replace('_', '')}-ipc{ipc}",
+        data=DataConfig(name=dataset, zca=zca),
+        net=NetConfig(arch=arch, channels=channels, num_classes=classes, image_size=size),
+        expert=ExpertConfig(**_PAPER_EXPERT, record="full" if method == "mtt" else "convex"),
+        distill=DistillConfig(method=method, ipc=ipc, syn_steps=steps, expert_epochs=float(m),
+                              max_start_epoch=float(start), lr_img=float(lr_img), lr_lr=lr_lr,
+                              lr_teacher=lr_teacher, batch_syn=batch_syn, iterations=5000,
+                              eval_every=100, checkpoint_every=100),
+        eval=EvalConfig(**_PAPER_EVAL),
+        note="published hyperparameters (METHOD.md); ZCA choice follows MTT's for the same dataset and IPC"
+        if method == "mct" else "published MTT hyperparameters (METHOD.md)",
+    )
+
+
+def _digits_preset(method: str, ipc: int) -> Preset:
+    channels, size, classes, arch = _DATA_SHAPES["digits"]
+    return Preset(
+        name=f"{method}-digits-ipc{ipc}",
+        data=DataConfig(name="digits"),
+        net=NetConfig(arch=arch, channels=channels, num_classes=classes, image_size=size, **_DIGITS_NET),
+        expert=ExpertConfig(num_experts=5, epochs=15, record="full" if method == "mtt" else "convex"),
+        distill=DistillConfig(method=method, ipc=ipc, **_DIGITS[ipc], iterations=200, eval_every=50),
+        eval=EvalConfig(num_eval=3, epochs=300),
+        note="CPU-sized setting for the embedded digits dataset",
+    )
+
+
+def presets() -> dict[str, Preset]:
+    """Every named preset: the published MTT/MCT settings and small digits settings."""
+    out = {}
+    for dataset, ipc in _MTT:
+        p = _paper_preset("mtt", dataset, ipc)
+        out[p.name] = p
+    for dataset, ipc in _MCT:
+        p = _paper_preset("mct", dataset, ipc)
+        out[p.name] = p
+    for method in METHODS:
+        for ipc in _DIGITS:
+            p = _digits_preset(method, ipc)
+            out[p.name] = p
+    return out
+
+
+def get_preset(name: str) -> Preset:
+    table = presets()
+    if name not in table:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(table)}")
+    return table[name]

@@ -1,0 +1,303 @@
+"""The distillation loop: learn S and alpha by matching expert trajectories (MTT or MCT).
+
+Each iteration samples an expert and a window (tau_start, tau_target) on its trajectory, runs
+the student from theta(tau_start) for syn_steps steps on S, and takes one SGD-momentum step on
+S and alpha against the matching loss. The run directory holds its config, seed and versions,
+a metrics JSON, the best and final synthetic sets, and a single-file checkpoint written
+atomically, from which `resume=True` continues to the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .augment import make_augment
+from .config import DistillConfig, EvalConfig
+from .data import Dataset, real_images_per_class
+from .device import resolve_device, versions
+from .evaluate import evaluate_synthetic
+from .matching import Student, match, plan_student
+from .networks import FlatModel, build_network
+from .storage import TrajectoryStore, atomic_write_bytes, atomic_write_json
+from .training import derive_seed
+from .trajectories import sample_window
+
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "mctlib-distill-checkpoint-v1"
+# Fields that may change when a run is resumed: they decide when to stop and log, not what is computed.
+RESUMABLE_CHANGES = {"iterations", "eval_every", "checkpoint_every"}
+
+
+class DivergenceError(FloatingPointError):
+    """Non-finite loss, images or alpha, or alpha <= 0: the run stopped, its last good state kept."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is corrupt, foreign, or from a different run configuration."""
+
+
+@dataclass
+class DistillResult:
+    images: torch.Tensor
+    labels: torch.Tensor
+    alpha: float
+    log: list[dict]
+    evals: list[dict]
+    run_dir: Path | None = None
+    best: dict | None = None
+    config: dict = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict | None:
+        return self.evals[-1] if self.evals else None
+
+
+@dataclass
+class _State:
+    images: torch.Tensor
+    labels: torch.Tensor
+    alpha: torch.Tensor
+    img_velocity: torch.Tensor
+    lr_velocity: torch.Tensor
+    generator: torch.Generator
+    iteration: int = 0
+    log: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.cpu().contiguous(),
+                "alpha": self.alpha.detach().cpu().reshape(1), "img_velocity": self.img_velocity.cpu().contiguous(),
+                "lr_velocity": self.lr_velocity.cpu().reshape(1), "rng": self.generator.get_state()}
+
+    def snapshot(self) -> "_State":
+        gen = torch.Generator().set_state(self.generator.get_state())
+        return _State(self.images.detach().clone(), self.labels, self.alpha.detach().clone(),
+                      self.img_velocity.clone(), self.lr_velocity.clone(), gen, self.iteration,
+                      list(self.log), list(self.evals))
+
+
+def initial_synthetic(dataset: Dataset, cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_0: `ipc` real images per class (default) or Gaussian noise, with class-sorted labels."""
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 1))
+    images, labels = real_images_per_class(dataset.train_images, dataset.train_labels, dataset.num_classes,
+                                           cfg.ipc, gen)
+    if cfg.init == "noise":
+        images = torch.randn(images.shape, generator=gen)
+    return images.clone(), labels.clone()
+
+
+def _check_store(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset) -> None:
+    if cfg.method == "mct" and store.kind != "convex":
+        raise ValueError(f"method 'mct' matches a convexified record but {store.path} holds full buffers; "
+                         f"convert them with `mctlib convexify --store {store.path} --out DIR`")
+    if store.kind == "convex" and cfg.method == "mtt":
+        raise ValueError(f"method 'mtt' matches full buffers but {store.path} holds convexified records; "
+                         "use method 'mct' (with sampling 'integer' for the integer-start ablation)")
+    stored = store.manifest["dataset"]
+    here = dataset.describe()
+    for key in ("name", "image_size", "zca"):
+        if key in stored and stored[key] != here.get(key):
+            raise ValueError(f"the experts were trained on {key} = {stored[key]!r}, the dataset given has "
+                             f"{key} = {here.get(key)!r}; load the dataset as the experts saw it")
+    epochs = store.records[0].epochs
+    if cfg.expert_epochs >= epochs:
+        raise ValueError(f"expert_epochs = {cfg.expert_epochs} must be below the experts' {epochs} epochs")
+
+
+def _save_checkpoint(run_dir: Path, state: _State, config: dict) -> None:
+    meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(config, sort_keys=True),
+            "state": json.dumps({"iteration": state.iteration, "log": state.log, "evals": state.evals})}
+    atomic_write_bytes(run_dir / CHECKPOINT, st_save(state.tensors(), metadata=meta))
+
+
+def _load_checkpoint(run_dir: Path, config: dict, device: torch.device) -> _State:
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        raise CheckpointError(f"nothing to resume: {path} does not exist (run without --resume to start)")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+    except (SafetensorError, ValueError, UnicodeDecodeError, Exception) as err:
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({err}); delete it to start over") from err
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an mctlib distillation checkpoint (format {meta.get('format')!r})")
+    saved = json.loads(meta["config"])
+    diff = _config_diff(saved, config)
+    if diff:
+        raise CheckpointError(f"{path} belongs to a run with another configuration: {diff}; "
+                              "resume with the same settings or choose another --out")
+    info = json.loads(meta["state"])
+    gen = torch.Generator()
+    gen.set_state(tensors["rng"])
+    images = tensors["images"].to(device)
+    return _State(images, tensors["labels"].to(device), tensors["alpha"].to(device).reshape(()),
+                  tensors["img_velocity"].to(device), tensors["lr_velocity"].to(device).reshape(()), gen,
+                  info["iteration"], info["log"], info["evals"])
+
+
+def _config_diff(saved: dict, now: dict, prefix: str = "") -> str:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = _config_diff(a, b, f"{prefix}{key}.")
+            if sub:
+                out.append(sub)
+        elif a != b and key not in RESUMABLE_CHANGES:
+            out.append(f"{prefix}{key}: checkpoint {a!r} vs now {b!r}")
+    return "; ".join(out)
+
+
+def _save_synthetic(path: Path, images: torch.Tensor, labels: torch.Tensor, alpha: float, info: dict) -> None:
+    meta = {"format": "mctlib-synthetic-v1", "info": json.dumps(info, sort_keys=True)}
+    atomic_write_bytes(path, st_save({"images": images.detach().cpu().contiguous(), "labels": labels.cpu().contiguous(),
+                                      "alpha": torch.tensor([alpha])}, metadata=meta))
+
+
+def load_synthetic(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(images, labels, alpha) of a saved synthetic set (synthetic_best / synthetic_final)."""
+    path = Path(path)
+    try:
+        tensors = st_load(path.read_bytes())
+        return tensors["images"], tensors["labels"], float(tensors["alpha"][0])
+    except (SafetensorError, KeyError, Exception) as err:
+        raise ValueError(f"{path} is not a readable mctlib synthetic set ({err})") from err
+
+
+def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_cfg: EvalConfig | None = None,
+            run_dir: str | Path | None = None, resume: bool = False, device=None, progress: bool = True,
+            run_info: dict | None = None) -> DistillResult:
+    """Run (or resume) one distillation; see the module docstring for what lands in `run_dir`."""
+    device = resolve_device(device)
+    _check_store(cfg, store, dataset)
+    net = store.net
+    config = {"distill": cfg.to_dict(), "eval": eval_cfg.to_dict() if eval_cfg else None, "net": net.to_dict(),
+              "dataset": dataset.describe(), "store": {"path": str(store.path), "kind": store.kind,
+                                                       "experts": len(store.records)}, **(run_info or {})}
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None:
+        if (run_dir / "config.json").exists() and not resume:
+            raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) to continue it "
+                                  "or choose another run directory")
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    if resume:
+        if run_dir is None:
+            raise ValueError("resume needs the run directory of the run to continue")
+        state = _load_checkpoint(run_dir, config, device)
+    else:
+        images, labels = initial_synthetic(dataset, cfg)
+        images = images.to(device)
+        state = _State(images, labels.to(device), torch.tensor(cfg.lr_teacher, device=device),
+                       torch.zeros_like(images), torch.zeros((), device=device),
+                       torch.Generator().manual_seed(derive_seed(cfg.seed, 2)))
+    if run_dir is not None:
+        atomic_write_json(run_dir / "config.json", {**config, "seed": cfg.seed, "versions": versions()})
+
+    model = FlatModel(build_network(net)).to(device)
+    student = Student(model, make_augment(cfg.dsa))
+    records = [r.to(device) for r in store.records]          # moved once, not per iteration
+    sampling = cfg.resolved_sampling
+    best = max(state.evals, key=lambda e: e["mean"]) if state.evals else None
+
+    def evaluate_now(it: int) -> None:
+        nonlocal best
+        if eval_cfg is None:
+            return
+        results = evaluate_synthetic(state.images, state.labels, float(state.alpha), dataset, net, eval_cfg, device)
+        entry = {"iteration": it, "mean": results[0].mean, "std": results[0].std,
+                 "accuracies": results[0].accuracies, "archs": [r.to_dict() for r in results]}
+        state.evals.append(entry)
+        if best is None or entry["mean"] > best["mean"]:
+            best = entry
+            if run_dir is not None:
+                _save_synthetic(run_dir / "synthetic_best.safetensors", state.images, state.labels,
+                                float(state.alpha), {"iteration": it, "eval": entry})
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.iterations, initial=state.iteration, desc=f"distill {cfg.method}", leave=False)
+    if state.iteration == 0 and not state.evals and cfg.eval_every:
+        evaluate_now(0)
+    while state.iteration < cfg.iterations:
+        good = state.snapshot()
+        it = state.iteration + 1
+        tick = time.perf_counter()
+        expert = int(torch.randint(len(records), (1,), generator=state.generator))
+        record = records[expert]
+        tau_start, tau_target = sample_window(state.generator, sampling, cfg.expert_epochs, cfg.max_start_epoch,
+                                              record.epochs)
+        plan = plan_student(state.images.shape[0], cfg.syn_steps, cfg.batch_syn, state.generator)
+        images = state.images.requires_grad_(True)
+        alpha = state.alpha.requires_grad_(True)
+        images.grad, alpha.grad = None, None
+        result = match(student, images, state.labels, alpha, record.point(tau_start), record.point(tau_target),
+                       plan, cfg.gradient_mode)
+        with torch.no_grad():
+            # SGD with momentum 0.5 on S and alpha (the papers' optimiser), written out so its state is two tensors.
+            state.img_velocity.mul_(cfg.momentum).add_(images.grad)
+            state.lr_velocity.mul_(cfg.momentum).add_(alpha.grad)
+            state.images = (images - cfg.lr_img * state.img_velocity).detach()
+            state.alpha = (alpha - cfg.lr_lr * state.lr_velocity).detach()
+        cause = _divergence(result.loss, state.images, float(state.alpha), cfg)
+        if cause:
+            if run_dir is not None:
+                _save_checkpoint(run_dir, good, config)
+            where = f"; the last good state (iteration {good.iteration}) is saved in {run_dir / CHECKPOINT}" if run_dir else ""
+            raise DivergenceError(f"distillation diverged at iteration {it}: {cause}{where}")
+        state.iteration = it
+        seconds = time.perf_counter() - tick
+        state.log.append({"iteration": it, "loss": result.loss, "tau_start": tau_start, "tau_target": tau_target,
+                          "alpha": float(state.alpha), "expert": expert, "seconds": seconds})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.4f}", alpha=f"{float(state.alpha):.4g}")
+        if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations):
+            evaluate_now(it)
+        if run_dir is not None and (it % cfg.checkpoint_every == 0 or it == cfg.iterations):
+            _save_checkpoint(run_dir, state, config)
+            _write_metrics(run_dir, state, best, config)
+    if bar is not None:
+        bar.close()
+    if run_dir is not None:
+        _save_synthetic(run_dir / "synthetic_final.safetensors", state.images, state.labels, float(state.alpha),
+                        {"iteration": state.iteration})
+        _write_metrics(run_dir, state, best, config)
+    return DistillResult(state.images.detach(), state.labels, float(state.alpha), state.log, state.evals, run_dir,
+                         best, config)
+
+
+def _divergence(loss: float, images: torch.Tensor, alpha: float, cfg: DistillConfig) -> str | None:
+    if not math.isfinite(loss):
+        return f"the matching loss is {loss}; lr_img = {cfg.lr_img:g} is probably too high"
+    if not torch.isfinite(images).all():
+        return f"the synthetic images hold NaN/Inf; lower lr_img (now {cfg.lr_img:g})"
+    if not math.isfinite(alpha):
+        return f"the learned lr alpha is {alpha}; lower lr_lr (now {cfg.lr_lr:g})"
+    if alpha <= 0:
+        return f"the learned lr alpha went negative ({alpha:.3g}); lower lr_lr (now {cfg.lr_lr:g})"
+    return None
+
+
+def _write_metrics(run_dir: Path, state: _State, best: dict | None, config: dict) -> None:
+    seconds = [entry["seconds"] for entry in state.log]
+    atomic_write_json(run_dir / "metrics.json", {
+        "iteration": state.iteration, "alpha": float(state.alpha),
+        "final_loss": state.log[-1]["loss"] if state.log else None,
+        "seconds_per_iteration_median": sorted(seconds)[len(seconds) // 2] if seconds else None,
+        "evals": state.evals, "best": best, "final": state.evals[-1] if state.evals else None,
+        "log": state.log, "seed": config["distill"]["seed"],
+    })

@@ -1,0 +1,96 @@
+"""The evaluation protocol (METHOD.md): fresh networks trained on a synthetic set alone.
+
+SGD momentum 0.9, weight decay 5e-4, the learned lr alpha, lr x 0.1 after half the epochs,
+batch 256, DSA; test accuracy mean +- std over `num_eval` networks, all trained at once as one
+vmapped ensemble. The random-real and full-data baselines go through the same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .augment import make_augment
+from .config import EvalConfig
+from .data import Dataset, real_images_per_class
+from .device import resolve_device
+from .networks import FlatModel, NetConfig, build_network
+from .training import SGDRecipe, accuracy, derive_seed, train_networks
+
+
+@dataclass
+class EvalResult:
+    arch: str
+    accuracies: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(torch.tensor(self.accuracies).mean())
+
+    @property
+    def std(self) -> float:
+        return float(torch.tensor(self.accuracies).std(unbiased=False)) if len(self.accuracies) > 1 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, "mean": self.mean, "std": self.std, "accuracies": self.accuracies}
+
+    def __str__(self) -> str:
+        return f"{self.arch}: {100 * self.mean:.2f} +- {100 * self.std:.2f} % (n={len(self.accuracies)})"
+
+
+def eval_net_config(net: NetConfig, arch: str) -> NetConfig:
+    """The same data shape on another architecture (cross-architecture evaluation)."""
+    if arch == net.arch:
+        return net
+    return NetConfig(arch=arch, channels=net.channels, num_classes=net.num_classes, image_size=net.image_size,
+                     width=net.width, norm=net.norm)
+
+
+def train_and_test(images: torch.Tensor, labels: torch.Tensor, lr: float, dataset: Dataset, net: NetConfig,
+                   cfg: EvalConfig, device=None, progress=None) -> list[EvalResult]:
+    """Train cfg.num_eval fresh networks per architecture on (images, labels); test on dataset's test split."""
+    device = resolve_device(device)
+    images, labels = images.detach().to(device), labels.to(device)
+    test_x, test_y = dataset.test_images.to(device), dataset.test_labels.to(device)
+    augment = make_augment(cfg.dsa)
+    recipe = SGDRecipe(lr=float(lr), epochs=cfg.epochs, batch_size=cfg.batch_size, momentum=cfg.momentum,
+                       weight_decay=cfg.weight_decay, decay_epoch=cfg.epochs // 2)
+    results = []
+    for a, arch in enumerate(cfg.archs):
+        net_a = eval_net_config(net, arch)
+        init_seeds = [derive_seed(cfg.seed, a, i, 0) for i in range(cfg.num_eval)]
+        model = FlatModel(build_network(net_a)).to(device)
+        params = torch.stack([FlatModel(build_network(net_a, seed=s)).flatten() for s in init_seeds]).to(device)
+        if not model.supports_vmap:  # batchnorm nets train one at a time
+            finals = [train_networks(model, p[None], images, labels, recipe, [derive_seed(cfg.seed, a, i, 1)],
+                                     augment, progress=progress) for i, p in enumerate(params)]
+            params = torch.cat(finals)
+        else:
+            params = train_networks(model, params, images, labels, recipe,
+                                    [derive_seed(cfg.seed, a, i, 1) for i in range(cfg.num_eval)], augment,
+                                    progress=progress)
+        results.append(EvalResult(arch, accuracy(model, params, test_x, test_y).tolist()))
+    return results
+
+
+def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, alpha: float, dataset: Dataset, net: NetConfig,
+                       cfg: EvalConfig, device=None) -> list[EvalResult]:
+    """Accuracy of networks trained on a distilled set with its learned lr alpha."""
+    if not alpha > 0:
+        raise ValueError(f"learned lr alpha = {alpha} must be positive to train on the synthetic set")
+    return train_and_test(images, labels, alpha, dataset, net, cfg, device)
+
+
+def random_real_baseline(dataset: Dataset, ipc: int, net: NetConfig, cfg: EvalConfig, lr: float = 0.01,
+                         seed: int = 0, device=None) -> list[EvalResult]:
+    """Same protocol on a random real subset with `ipc` images per class."""
+    gen = torch.Generator().manual_seed(seed)
+    images, labels = real_images_per_class(dataset.train_images, dataset.train_labels, dataset.num_classes, ipc, gen)
+    return train_and_test(images, labels, lr, dataset, net, cfg, device)
+
+
+def full_data_baseline(dataset: Dataset, net: NetConfig, cfg: EvalConfig, lr: float = 0.01,
+                       device=None) -> list[EvalResult]:
+    """Same protocol on the whole training set: the ceiling a synthetic set is measured against."""
+    return train_and_test(dataset.train_images, dataset.train_labels, lr, dataset, net, cfg, device)

@@ -1,0 +1,106 @@
+"""What every chapter shares: parameter checks, glue, metrics JSON, cached expert stores.
+
+Chapters call these so that a wrong papermill parameter fails in the first cell with its
+name, every number the prose states is glued from the run, and heavy results are loaded
+from a run directory when one already holds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .device import versions
+from .storage import atomic_write_json
+
+
+class ParameterError(ValueError):
+    """A notebook parameter of the wrong type or outside its range."""
+
+
+def check_parameter(name: str, value: Any, kind: type | tuple[type, ...], low: float | None = None,
+                    high: float | None = None, choices: tuple | None = None) -> None:
+    """Raise ParameterError naming `name` unless value has type `kind` and lies in [low, high] / choices."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds and int not in kinds:
+        kinds = kinds + (int,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ParameterError(f"parameter {name} = {value!r} has type {type(value).__name__}; expected {names} "
+                             f"(papermill: pass it with -p {name} VALUE, or -y '{name}: VALUE' for exact YAML types)")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParameterError(f"parameter {name} = {value!r} must be finite")
+    if low is not None and value < low or high is not None and value > high:
+        raise ParameterError(f"parameter {name} = {value!r} is out of range [{low}, {high}]")
+    if choices is not None and value not in choices:
+        raise ParameterError(f"parameter {name} = {value!r} must be one of {list(choices)}")
+
+
+def glue(name: str, value: Any, display: bool = False) -> Any:
+    """myst-nb's glue when available (the book build), a no-op elsewhere (a bare Colab runtime)."""
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:
+        return value
+    _glue(name, value, display=display)
+    return value
+
+
+def save_metrics(out_dir: str | Path, metrics: dict, parameters: dict) -> Path:
+    """Write metrics.json (numbers, the parameters that produced them, versions) atomically."""
+    out = Path(out_dir)
+    path = out / "metrics.json"
+    atomic_write_json(path, {"metrics": metrics, "parameters": parameters, "versions": versions()})
+    return path
+
+
+def config_key(*parts: Any) -> str:
+    """A short stable hash of JSON-able config parts (names cache folders)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def cached_experts(dataset, net, expert_cfg, root: str | Path = "runs", device=None, progress: bool = False):
+    """The expert store for this (dataset, network, recipe): loaded from `root` if a chapter already
+    trained it, trained and saved otherwise (into a temporary folder renamed into place)."""
+    from .experts import make_experts
+    from .storage import load_store
+
+    root = Path(root)
+    desc = dataset.describe()
+    key = config_key({k: desc[k] for k in ("name", "image_size", "zca")}, net.to_dict(), expert_cfg.to_dict())
+    path = root / f"experts-{desc['name']}-{expert_cfg.record}-{key}"
+    if (path / "manifest.json").exists():
+        return load_store(path, net=net, dataset=desc)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".experts-"))
+    try:
+        make_experts(dataset, net, expert_cfg, tmp, device=device, progress=progress, overwrite=True)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_store(path, net=net, dataset=desc)
+
+
+def resolve_runs_dir(runs_dir: str = "") -> Path:
+    """Where chapters keep their runs: `runs_dir` if given, else $MCTLIB_RUNS, else `runs/` at the
+    book's root (the nearest folder above the working directory holding _config.yml), else ./runs."""
+    if runs_dir:
+        return Path(runs_dir).expanduser().resolve()
+    if os.environ.get("MCTLIB_RUNS"):
+        return Path(os.environ["MCTLIB_RUNS"]).expanduser().resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_config.yml").exists() and (folder / "mctlib").is_dir():
+            return folder / "runs"
+    return here / "runs"
