@@ -19,7 +19,7 @@ book: $(STAMP)
 	@echo "Book: $(CURDIR)/_build/html/index.html"
 
 unit: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --ignore=tests/browser
 
 notebooks: $(STAMP)
 	$(PY) -m pytest --nbval-lax notebooks -q -p no:cacheprovider
@@ -29,7 +29,7 @@ strict-book: $(STAMP)
 	@echo "Book: $(CURDIR)/_build/html/index.html"
 
 test: unit notebooks strict-book
-	$(PY) -m pytest tests/browser -q -m browser --browser-check
+	$(PY) -m pytest tests/browser -q -rs
 
 bench: $(STAMP)
 	$(PY) -m mctlib bench

@@ -13,6 +13,7 @@ through torchvision's own loaders from their standard on-disk layouts under `roo
 from __future__ import annotations
 
 import functools
+import importlib.util
 import hashlib
 import numbers
 import os
@@ -322,17 +323,23 @@ def _uint8_to_float(images: Any) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)  # values are 0..16 ink counts
-    labels = digits.target.astype(np.int64)
-    # A fixed stratified quarter for testing: the same split on every call and every machine.
-    arrays = train_test_split(images, labels, test_size=0.25, stratify=labels, random_state=0)
+    # scikit-learn's load_digits reads this CSV; reading it directly skips importing scikit-learn (~0.8 s).
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise DatasetError("the digits dataset ships with scikit-learn; install it with `pip install scikit-learn`")
+    table = np.loadtxt(Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz", delimiter=",", dtype=np.float32)
+    images = (table[:, :-1] / 16.0).reshape(-1, 8, 8)  # values are 0..16 ink counts
+    labels = table[:, -1].astype(np.int64)
+    # A fixed stratified quarter for testing: numpy's legacy RandomState is stable across versions and machines.
+    rng = np.random.RandomState(0)
+    test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        test[rng.permutation(members)[: int(round(0.25 * len(members)))]] = True
+    arrays = (images[~test], images[test], labels[~test], labels[test])
     for a in arrays:
         a.setflags(write=False)  # the cache is shared; callers get copies
-    return tuple(arrays)  # type: ignore[return-value]
+    return arrays
 
 
 def _digits() -> _Raw:

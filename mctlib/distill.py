@@ -184,7 +184,8 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
     net = store.net
     config = {"distill": cfg.to_dict(), "eval": eval_cfg.to_dict() if eval_cfg else None, "net": net.to_dict(),
               "dataset": dataset.describe(), "store": {"path": str(store.path), "kind": store.kind,
-                                                       "experts": len(store.records)}, **(run_info or {})}
+                                                       "experts": len(store.records)}}
+    config = json.loads(json.dumps(config))  # the form it has on disk (tuples become lists), so resume compares like with like
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
         if (run_dir / "config.json").exists() and not resume:
@@ -203,7 +204,9 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
                        torch.zeros_like(images), torch.zeros((), device=device),
                        torch.Generator().manual_seed(derive_seed(cfg.seed, 2)))
     if run_dir is not None:
-        atomic_write_json(run_dir / "config.json", {**config, "seed": cfg.seed, "versions": versions()})
+        # run_info (command line, preset name) is recorded but, unlike `config`, not compared on resume.
+        atomic_write_json(run_dir / "config.json", {**config, "seed": cfg.seed, "versions": versions(),
+                                                    "run": run_info or {}})
 
     model = FlatModel(build_network(net)).to(device)
     student = Student(model, make_augment(cfg.dsa))
@@ -282,7 +285,8 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
 
 def _divergence(loss: float, images: torch.Tensor, alpha: float, cfg: DistillConfig) -> str | None:
     if not math.isfinite(loss):
-        return f"the matching loss is {loss}; lr_img = {cfg.lr_img:g} is probably too high"
+        return (f"the matching loss is {loss} (alpha = {alpha:.3g}); lr_img = {cfg.lr_img:g} is probably too high, "
+                f"or lr_lr = {cfg.lr_lr:g} if alpha ran away")
     if not torch.isfinite(images).all():
         return f"the synthetic images hold NaN/Inf; lower lr_img (now {cfg.lr_img:g})"
     if not math.isfinite(alpha):

@@ -128,8 +128,8 @@ class ConvexRecorder:
         self.beta = torch.zeros(epochs + 1, len(self.layer_slices), dtype=torch.float64)
         self.raw: dict[int, torch.Tensor] = {}       # unsmoothed waypoints (for beta)
         self.smoothed: dict[int, torch.Tensor] = {}
-        self._prev: torch.Tensor | None = None
-        self._before_waypoint: torch.Tensor | None = None
+        self._prev: torch.Tensor | None = None       # theta_{e-1}
+        self._prev2: torch.Tensor | None = None      # theta_{e-2}, for smoothing the waypoint at e-1
         self._segment_points: list[torch.Tensor] = []
         self._next = 0
 
@@ -151,13 +151,11 @@ class ConvexRecorder:
             if self.schedule == "projected":
                 self._segment_points = [theta.clone()]
         # Smoothing (authors' code): interior waypoint w -> mean(theta_{w-1}, theta_{w+1}); last -> mean(theta_{E-1}, theta_E).
-        if epoch + 1 in self.w[1:-1]:
-            self._before_waypoint = theta.clone()
         if epoch - 1 in self.w[1:-1]:
-            self.smoothed[epoch - 1] = (self._before_waypoint + theta) / 2
+            self.smoothed[epoch - 1] = (self._prev2 + theta) / 2
         if epoch == self.epochs and self._prev is not None:
             self.smoothed[epoch] = (self._prev + theta) / 2
-        self._prev = theta.clone()
+        self._prev2, self._prev = self._prev, theta.clone()
 
     def _close_segment(self, i: int) -> None:
         a, b = self.w[i], self.w[i + 1]
@@ -202,7 +200,8 @@ def sample_window(generator: torch.Generator, sampling: str, expert_epochs: floa
     """(tau_start, tau_target): MTT's integer start s ~ randint(0, max_start) with target s + M, or
     MCT's continuous tau_s ~ U(0, max_start) with tau_t = min(tau_s + M, E)."""
     if sampling == "integer":
-        high = int(min(max_start_epoch, epochs - expert_epochs))
+        # MTT draws randint(0, max_start); starts past E - M would leave the trajectory, so they are cut.
+        high = int(min(max_start_epoch, epochs - expert_epochs + 1))
         start = float(torch.randint(max(high, 1), (1,), generator=generator))
         return start, min(start + float(expert_epochs), float(epochs))
     high = min(float(max_start_epoch), float(epochs))

@@ -1,0 +1,115 @@
+"""Shared small fixtures for the engine tests: a tiny ConvNet on 8x8 digits and its experts.
+
+Everything is session-scoped and sized for a 2-core CPU: the experts train in about a second.
+"""
+
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+from mctlib.config import ExpertConfig
+from mctlib.data import load_dataset
+from mctlib.experts import train_experts
+from mctlib.networks import FlatModel, NetConfig, build_network
+
+# The whole suite runs on one intra-op thread: its tensors are tiny, results do not depend on the
+# thread count, and on a loaded 2-core machine torch's thread pool costs far more than it gives.
+torch.set_num_threads(1)
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one thread: these tensors are tiny, and on a shared 2-core machine the
+    intra-op thread pool costs far more than it gives (GroupNorm backward: 0.8 s vs 1 ms)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Module-scoped `single_thread` (use with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    with single_thread():
+        yield
+
+
+EXPERT_EPOCHS = 12  # E of the fixture experts: K = 4 gives w = (0, 4, 8, 12); K = 6 gives (0, 2, 4, 6, 8, 12)
+
+
+@pytest.fixture(scope="session")
+def digits8():
+    """scikit-learn digits at their native 8x8, cut to 400 training and 200 test images."""
+    ds = load_dataset("digits", image_size=8)
+    return dataclasses.replace(ds, train_images=ds.train_images[:400], train_labels=ds.train_labels[:400],
+                               test_images=ds.test_images[:200], test_labels=ds.test_labels[:200])
+
+
+@pytest.fixture(scope="session")
+def tiny_net():
+    """ConvNet, depth 2, width 8, on 1x8x8 images (about a thousand parameters)."""
+    return NetConfig(arch="convnet", channels=1, num_classes=10, image_size=8, width=8, depth=2)
+
+
+@pytest.fixture(scope="session")
+def flat_model(tiny_net):
+    return FlatModel(build_network(tiny_net, seed=0))
+
+
+@pytest.fixture(scope="session")
+def expert_cfg():
+    return ExpertConfig(num_experts=2, epochs=EXPERT_EPOCHS, lr=0.05, batch_size=64, dsa=False, record="full",
+                        seed=3)
+
+
+@pytest.fixture(scope="session")
+def expert_run(digits8, tiny_net, expert_cfg):
+    """(full buffers, init seeds, stats) of two real experts trained with mctlib.experts.train_experts."""
+    with single_thread():
+        return train_experts(digits8, tiny_net, expert_cfg, device="cpu", ensemble_size=2)
+
+
+@pytest.fixture(scope="session")
+def full_buffer(expert_run):
+    """A real full buffer theta_0..theta_E (E = 12) of the tiny ConvNet."""
+    return expert_run[0][0]
+
+
+@pytest.fixture(scope="session")
+def full_buffers(expert_run):
+    return expert_run[0]
+
+
+@pytest.fixture(scope="session")
+def init_seeds(expert_run):
+    return expert_run[1]
+
+
+@pytest.fixture(scope="session")
+def recorder_probe():
+    """Count the flat parameter vectors of length D an object holds (attributes, lists, dicts)."""
+
+    def count(obj, numel):
+        seen, total = set(), 0
+
+        def walk(x):
+            nonlocal total
+            if id(x) in seen:
+                return
+            seen.add(id(x))
+            if isinstance(x, torch.Tensor):
+                total += x.numel() // numel if x.shape[-1:] == (numel,) else 0
+            elif isinstance(x, dict):
+                for v in x.values():
+                    walk(v)
+            elif isinstance(x, (list, tuple)):
+                for v in x:
+                    walk(v)
+
+        walk(vars(obj))
+        return total
+
+    return count

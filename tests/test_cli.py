@@ -1,0 +1,106 @@
+"""The command line end to end on digits: experts -> convexify -> distill (both methods, all gradient
+modes) -> evaluate, plus the refusals that must happen before any work starts."""
+
+import json
+
+import pytest
+import torch
+
+from mctlib.cli import main, make_parser
+
+TINY_NET = ["--dataset", "digits", "--data-image-size", "8", "--net-width", "16", "--net-depth", "2"]
+
+
+@pytest.fixture(scope="module")
+def full_store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "full"
+    assert main(["experts", "--out", str(out), "--num-experts", "2", "--epochs", "5", "--record", "full",
+                 "--batch-size", "128", "--no-progress", "--device", "cpu", *TINY_NET[:4], "--net-width", "16",
+                 "--net-depth", "2"]) == 0
+    return out
+
+
+def test_every_command_has_help(capsys):
+    for command in ("experts", "convexify", "distill", "evaluate"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        assert "--out" in capsys.readouterr().out
+
+
+def test_invalid_values_are_refused_naming_the_flag(capsys, tmp_path):
+    cases = [
+        (["distill", "--store", "x", "--out", str(tmp_path / "r"), "--syn-steps", "0"], "--syn-steps"),
+        (["distill", "--store", "x", "--out", str(tmp_path / "r"), "--gradient-mode", "fast"], "--gradient-mode"),
+        (["distill", "--store", "x", "--out", str(tmp_path / "r"), "--eval-epochs", "-3"], "--eval-epochs"),
+        (["distill", "--store", "x", "--out", str(tmp_path / "r"), "--preset", "nope"], "mct-digits-ipc1"),
+        (["experts", "--out", str(tmp_path / "e"), "--dataset", "imagenet"], "--dataset"),
+        (["experts", "--out", str(tmp_path / "e"), "--num-waypoints", "1"], "--num-waypoints"),
+        (["distill", "--store", "x", "--out", str(tmp_path / "r"), "--ipc", "ten"], "--ipc"),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
+
+
+def test_pipeline_end_to_end(full_store, tmp_path, capsys):
+    convex = tmp_path / "k2"
+    assert main(["convexify", "--store", str(full_store), "--out", str(convex), "--num-waypoints", "2",
+                 "--no-store-theta0"]) == 0
+    assert "smaller" in capsys.readouterr().out
+    common = ["--no-progress", "--device", "cpu", "--dataset", "digits", "--data-image-size", "8", "--ipc", "1",
+              "--syn-steps", "3", "--expert-epochs", "2", "--max-start-epoch", "2", "--lr-lr", "1e-7",
+              "--iterations", "3", "--eval-every", "3", "--eval-num-eval", "2", "--eval-epochs", "3"]
+    runs = {}
+    for method, store in (("mtt", full_store), ("mct", convex)):
+        for mode in ("unrolled", "checkpointed", "constant_memory"):
+            out = tmp_path / f"{method}-{mode}"
+            assert main(["distill", "--store", str(store), "--out", str(out), "--method", method,
+                         "--gradient-mode", mode, *common]) == 0
+            runs[method, mode] = out
+            metrics = json.loads((out / "metrics.json").read_text())
+            assert metrics["iteration"] == 3 and metrics["final"]["iteration"] == 3
+    # The two exact modes agree; the whole pipeline is seeded, so unrolled == checkpointed up to float error.
+    from mctlib.distill import load_synthetic
+
+    a = load_synthetic(runs["mct", "unrolled"] / "synthetic_final.safetensors")[0]
+    b = load_synthetic(runs["mct", "checkpointed"] / "synthetic_final.safetensors")[0]
+    assert torch.allclose(a, b, atol=1e-4)
+
+    evaluated = tmp_path / "eval"
+    assert main(["evaluate", "--synthetic", str(runs["mct", "unrolled"] / "synthetic_best.safetensors"),
+                 "--out", str(evaluated), "--num-eval", "2", "--epochs", "3", "--no-progress", "--device", "cpu",
+                 *TINY_NET]) == 0
+    result = json.loads((evaluated / "metrics.json").read_text())
+    assert len(result["results"][0]["accuracies"]) == 2
+    assert main(["evaluate", "--baseline", "random_real", "--ipc", "1", "--out", str(tmp_path / "rr"),
+                 "--num-eval", "2", "--epochs", "3", "--device", "cpu", *TINY_NET]) == 0
+    # A second run into the same folder is refused instead of overwriting it.
+    with pytest.raises(SystemExit):
+        main(["distill", "--store", str(convex), "--out", str(runs["mct", "unrolled"]), *common])
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_foreign_store_is_refused(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(SystemExit):
+        main(["distill", "--store", str(tmp_path), "--out", str(tmp_path / "r"), "--no-progress"])
+    assert "not an mctlib trajectory manifest" in capsys.readouterr().err
+
+
+def test_config_file_and_flags_layer_over_presets(tmp_path):
+    from mctlib.cli import build_configs
+
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"distill": {"syn_steps": 7, "ipc": 3}}))
+    parser = make_parser()
+    args = parser.parse_args(["distill", "--store", "s", "--out", "o", "--preset", "mtt-cifar10-ipc10",
+                              "--config", str(cfg_file), "--ipc", "5"])
+    configs = build_configs(args, ["distill", "eval", "data"], "distill", parser)
+    assert configs["distill"].syn_steps == 7          # from the file
+    assert configs["distill"].ipc == 5                # the flag wins
+    assert configs["distill"].max_start_epoch == 20   # from the preset
+    assert configs["data"].zca is True
