@@ -119,7 +119,7 @@ def _fit_net_to_data(values: dict, args) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", help="a named preset (see `mctlib distill --list-presets`)")
+    parser.add_argument("--preset", help="a named preset (list them with `mctlib presets`)")
     parser.add_argument("--config", help="JSON file with sections data/net/expert/distill/eval")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -150,7 +150,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="trajectory store made by `experts` or `convexify`")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--list-presets", action="store_true", help=argparse.SUPPRESS)
     for s in ("distill", "eval", "data"):
         _add_section(p, s, s == "distill")
 
@@ -228,9 +227,7 @@ def _check_net_data(sp, net: NetConfig, data) -> None:
 
 
 def _convexify(args, parser) -> int:
-    from .networks import FlatModel, build_network
-    from .storage import load_store, save_store
-    from .trajectories import convexify
+    from .storage import load_store, save_convexified
 
     sp = _subparser(parser, "convexify")
     store = load_store(args.store)
@@ -240,18 +237,9 @@ def _convexify(args, parser) -> int:
         sp.error(f"--num-waypoints {args.num_waypoints} must lie in [2, {store.records[0].epochs + 1}]")
     if (Path(args.out) / "manifest.json").exists():
         sp.error(f"--out {args.out} already holds a trajectory store; choose another folder")
-    model = FlatModel(build_network(store.net))
-    records = [convexify(r, model.layer_slices, args.num_waypoints, args.beta_schedule, args.smooth)
-               for r in store.records]
-    m = store.manifest
-    recipe = {**m["recipe"], "record": "convex", "num_waypoints": args.num_waypoints,
-              "beta_schedule": args.beta_schedule, "smooth": args.smooth, "store_theta0": args.store_theta0}
-    save_store(args.out, records, store.net, m["dataset"], recipe, [e["init_seed"] for e in m["experts"]],
-               store_theta0=args.store_theta0,
-               extra={"stats": m.get("stats"), "beta_schedule": args.beta_schedule, "smooth": args.smooth,
-                      "converted_from": str(args.store)})
+    save_convexified(store, args.out, args.num_waypoints, args.beta_schedule, args.smooth, args.store_theta0)
     new = load_store(args.out)
-    print(f"{len(records)} experts: {store.bytes_per_expert / 1e6:.3f} MB -> {new.bytes_per_expert / 1e6:.3f} MB "
+    print(f"{len(store.records)} experts: {store.bytes_per_expert / 1e6:.3f} MB -> {new.bytes_per_expert / 1e6:.3f} MB "
           f"per expert ({store.bytes_per_expert / new.bytes_per_expert:.1f}x smaller) -> {args.out}")
     return 0
 
@@ -284,6 +272,22 @@ def _distill(args, parser) -> int:
     return 0
 
 
+def _settings_of_run(args, c: dict, sp) -> dict:
+    """A synthetic set is evaluated on the network and data of the run that made it (its config.json),
+    unless --preset or --config say otherwise."""
+    config_file = Path(args.synthetic).parent / "config.json"
+    if args.preset or args.config or not config_file.exists():
+        return c
+    run = json.loads(config_file.read_text())
+    explicit = {k.split(".", 1)[1] for k in vars(args) if k.startswith(("net.", "data."))}
+    if explicit:
+        sp.error(f"{args.synthetic} comes with {config_file}; its network and data are used, so drop "
+                 f"{sorted(explicit)} (or pass --preset/--config to override the run's settings)")
+    data = run["dataset"]
+    return {**c, "net": NetConfig.from_dict(run["net"]),
+            "data": DataConfig(name=data["name"], image_size=data["image_size"][0], zca=data["zca"])}
+
+
 def _evaluate(args, parser) -> int:
     sp = _subparser(parser, "evaluate")
     c = build_configs(args, ["eval", "data", "net"], "eval", sp)
@@ -292,6 +296,8 @@ def _evaluate(args, parser) -> int:
     from .evaluate import evaluate_synthetic, full_data_baseline, random_real_baseline
     from .storage import atomic_write_json
 
+    if args.synthetic:
+        c = _settings_of_run(args, c, sp)
     data = _load_data(c["data"])
     _check_net_data(sp, c["net"], data)
     device = resolve_device(args.device)

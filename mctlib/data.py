@@ -365,7 +365,7 @@ def _require(files: list[Path], what: str, hint: str) -> None:
 
 def _download_hint(root: Path) -> str:
     return (
-        f"Pass download=True (CLI: --download) to fetch it into {root}, "
+        f"Pass download=True (CLI: --data-download) to fetch it into {root}, "
         "or point root= / MCTLIB_DATA at the folder that holds it."
     )
 

@@ -25,6 +25,80 @@ def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
     return g
 
 
+# On a small machine (<= this many cores) torch runs on one thread by default. Measured by
+# `python -m mctlib bench` (book/performance.md), MTT unrolled on 2 cores: two threads are 1.7x
+# faster than one while nothing else runs, but many times slower as soon as other processes share
+# the cores (OpenMP's threads busy-wait for each other); one thread loses little either way.
+# The thread count also changes results in the last bits, so it must not follow the load.
+SINGLE_THREAD_MAX_CORES = 2
+
+
+def configure_threads(threads: int | None = None, tune_allocator: bool = True) -> dict:
+    """The one place that sets CPU speed knobs; call it once at start-up (the CLI and the bench do).
+
+    threads: torch intra-op threads. None takes $MCTLIB_THREADS; else, on machines with at most
+    `SINGLE_THREAD_MAX_CORES` cores, 1 unless OMP_WAIT_POLICY=PASSIVE was in the environment when
+    Python started (then sharing the cores costs little and all of them are used); else torch's
+    default (all cores). tune_allocator: on Linux/glibc, keep freed memory in the process instead
+    of handing large blocks back to the kernel after every tensor (the unrolled student allocates
+    and frees over 1 GB per iteration; refaulting it costs ~5% of an iteration). Returns what was
+    set. Changes no result beyond the last bits that any thread count does.
+    """
+    import os
+
+    cores = os.cpu_count() or 1
+    if threads is None and os.environ.get("MCTLIB_THREADS"):
+        threads = int(os.environ["MCTLIB_THREADS"])
+    if threads is None:
+        passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+        threads = 1 if cores <= SINGLE_THREAD_MAX_CORES and not passive else torch.get_num_threads()
+    if threads < 1:
+        raise ValueError(f"threads = {threads} must be >= 1")
+    torch.set_num_threads(int(threads))
+    tuned = _tune_allocator() if tune_allocator else False
+    return {"threads": torch.get_num_threads(), "cores": cores, "allocator_tuned": tuned,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
+
+def _tune_allocator() -> bool:
+    """glibc mallopt: no mmap per large block and no trimming, so freed tensors are reused in place."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        # mallopt returns 1 on success. A tensor below the mmap threshold comes from the heap, whose
+        # freed blocks the next iteration reuses; some glibc versions cap the threshold at 32 MiB.
+        ok = any(libc.mallopt(m_mmap_threshold, size) == 1 for size in (1 << 30, 32 << 20))
+        return bool(ok and libc.mallopt(m_trim_threshold, 1 << 30) == 1)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): leave the allocator alone
+        return False
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str = "fp32", device: str | torch.device = "cpu"):
+    """The context a student forward/backward runs in at `precision`: "fp32" changes nothing,
+    "bf16" is torch.autocast (convolutions and matmuls in bfloat16, reductions and the parameter
+    update stay float32). Check a new precision against fp32 before trusting it (`mctlib bench`)."""
+    import contextlib
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} unknown; choose one of {list(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W) in channels-last memory order (a differentiable copy; same values). Forced
+    with clone: for C = 1 `contiguous(memory_format=...)` keeps the NCHW strides."""
+    return x.clone(memory_format=torch.channels_last)
+
+
 def versions() -> dict:
     """Library and machine versions recorded next to every output."""
     import numpy

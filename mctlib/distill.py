@@ -27,7 +27,7 @@ from .device import resolve_device, versions
 from .evaluate import evaluate_synthetic
 from .matching import Student, match, plan_student
 from .networks import FlatModel, build_network
-from .storage import TrajectoryStore, atomic_write_bytes, atomic_write_json
+from .storage import TrajectoryStore, atomic_write_bytes, atomic_write_json, check_match
 from .training import derive_seed
 from .trajectories import sample_window
 
@@ -102,12 +102,7 @@ def _check_store(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset) -
     if store.kind == "convex" and cfg.method == "mtt":
         raise ValueError(f"method 'mtt' matches full buffers but {store.path} holds convexified records; "
                          "use method 'mct' (with sampling 'integer' for the integer-start ablation)")
-    stored = store.manifest["dataset"]
-    here = dataset.describe()
-    for key in ("name", "image_size", "zca"):
-        if key in stored and stored[key] != here.get(key):
-            raise ValueError(f"the experts were trained on {key} = {stored[key]!r}, the dataset given has "
-                             f"{key} = {here.get(key)!r}; load the dataset as the experts saw it")
+    check_match(store.manifest, None, dataset.describe(), store.path)
     epochs = store.records[0].epochs
     if cfg.expert_epochs >= epochs:
         raise ValueError(f"expert_epochs = {cfg.expert_epochs} must be below the experts' {epochs} epochs")
@@ -175,6 +170,15 @@ def load_synthetic(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, float]
         raise ValueError(f"{path} is not a readable mctlib synthetic set ({err})") from err
 
 
+def run_config(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_cfg: EvalConfig | None) -> dict:
+    """What decides the computation of a run, as config.json holds it (and resume compares it): the
+    configs, the data, and the store by its content (the experts' checksums), not by its path."""
+    config = {"distill": cfg.to_dict(), "eval": eval_cfg.to_dict() if eval_cfg else None, "net": store.net.to_dict(),
+              "dataset": dataset.describe(),
+              "store": {"kind": store.kind, "experts": [e["sha256"] for e in store.manifest["experts"]]}}
+    return json.loads(json.dumps(config))  # the form it has on disk (tuples become lists)
+
+
 def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_cfg: EvalConfig | None = None,
             run_dir: str | Path | None = None, resume: bool = False, device=None, progress: bool = True,
             run_info: dict | None = None) -> DistillResult:
@@ -182,10 +186,7 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
     device = resolve_device(device)
     _check_store(cfg, store, dataset)
     net = store.net
-    config = {"distill": cfg.to_dict(), "eval": eval_cfg.to_dict() if eval_cfg else None, "net": net.to_dict(),
-              "dataset": dataset.describe(), "store": {"path": str(store.path), "kind": store.kind,
-                                                       "experts": len(store.records)}}
-    config = json.loads(json.dumps(config))  # the form it has on disk (tuples become lists), so resume compares like with like
+    config = run_config(cfg, store, dataset, eval_cfg)
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
         if (run_dir / "config.json").exists() and not resume:
@@ -206,7 +207,7 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
     if run_dir is not None:
         # run_info (command line, preset name) is recorded but, unlike `config`, not compared on resume.
         atomic_write_json(run_dir / "config.json", {**config, "seed": cfg.seed, "versions": versions(),
-                                                    "run": run_info or {}})
+                                                    "run": {"store_path": str(store.path), **(run_info or {})}})
 
     model = FlatModel(build_network(net)).to(device)
     student = Student(model, make_augment(cfg.dsa))

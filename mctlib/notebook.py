@@ -66,6 +66,12 @@ def config_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def dataset_identity(desc: dict) -> dict:
+    """What makes two loaded datasets the same data: the whole description, floats rounded (so a
+    changed split, size or normalisation never reuses experts trained on something else)."""
+    return json.loads(json.dumps(desc), parse_float=lambda x: round(float(x), 6))
+
+
 def cached_experts(dataset, net, expert_cfg, root: str | Path = "runs", device=None, progress: bool = False):
     """The expert store for this (dataset, network, recipe): loaded from `root` if a chapter already
     trained it, trained and saved otherwise (into a temporary folder renamed into place)."""
@@ -74,7 +80,7 @@ def cached_experts(dataset, net, expert_cfg, root: str | Path = "runs", device=N
 
     root = Path(root)
     desc = dataset.describe()
-    key = config_key({k: desc[k] for k in ("name", "image_size", "zca")}, net.to_dict(), expert_cfg.to_dict())
+    key = config_key(dataset_identity(desc), net.to_dict(), expert_cfg.to_dict())
     path = root / f"experts-{desc['name']}-{expert_cfg.record}-{key}"
     if (path / "manifest.json").exists():
         return load_store(path, net=net, dataset=desc)
@@ -104,3 +110,33 @@ def resolve_runs_dir(runs_dir: str = "") -> Path:
         if (folder / "_config.yml").exists() and (folder / "mctlib").is_dir():
             return folder / "runs"
     return here / "runs"
+
+
+class Chapter:
+    """What a chapter produces: numbers glued into its prose (kept for metrics.json) and figures
+    (saved as PNG in `out` and glued for their `{glue:figure}` directive)."""
+
+    def __init__(self, out: str | Path, parameters: dict) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.parameters = dict(parameters)
+        self.metrics: dict[str, Any] = {}
+
+    def record(self, name: str, value: Any) -> Any:
+        """Glue a number for the prose and keep it for metrics.json."""
+        self.metrics[name] = value
+        return glue(name, value)
+
+    def figure(self, name: str, fig) -> Path:
+        """Save `fig` as out/<name>.png and glue it as fig_<name> (not shown inline); closes it."""
+        import matplotlib.pyplot as plt
+
+        path = self.out / f"{name}.png"
+        fig.savefig(path, dpi=120)
+        glue(f"fig_{name}", fig, display=False)
+        plt.close(fig)
+        return path
+
+    def save(self) -> Path:
+        """metrics.json with the parameters and versions, beside the figures."""
+        return save_metrics(self.out, self.metrics, self.parameters)

@@ -89,13 +89,14 @@ def ntk_heatmap_and_spectrum(kernel: torch.Tensor, labels: torch.Tensor, eigvals
     order = torch.argsort(labels, stable=True)
     k = kernel[order][:, order].detach().cpu().double()
     fig, (ax_k, ax_s) = new_figure(2)
-    bound = float(k.abs().max())
-    im = ax_k.imshow(k.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound)
+    off = k[~torch.eye(len(k), dtype=torch.bool)]
+    # the diagonal (each image with itself) is much larger; clip the scale to the off-diagonal range
+    im = ax_k.imshow(k.numpy(), cmap="magma", vmin=float(off.quantile(0.01)), vmax=float(off.quantile(0.99)))
     edges = torch.nonzero(torch.diff(labels[order])).flatten() + 0.5
     for e in edges.tolist():
-        ax_k.axhline(e, color="k", lw=0.4)
-        ax_k.axvline(e, color="k", lw=0.4)
-    ax_k.set_title("empirical NTK (inputs sorted by digit)")
+        ax_k.axhline(e, color="w", lw=0.4)
+        ax_k.axvline(e, color="w", lw=0.4)
+    ax_k.set_title("empirical NTK, images sorted by digit")
     ax_k.set_xticks([])
     ax_k.set_yticks([])
     fig.colorbar(im, ax=ax_k, shrink=0.8)
@@ -178,6 +179,8 @@ def eigen_progress(steps: torch.Tensor, linear, real):
         ax.axhline(0, color="k", lw=0.5)
         ax.set_ylim(-1.0, 2.0)  # a real-network curve can leave this band; the linear ones stay in [0, 1]
         ax.set_xscale("symlog", linthresh=max(float(t[1]) if len(t) > 1 else 1.0, 1.0))
+        ax.set_xlim(0, float(t[-1]))
+        ax.set_xticks([0] + [10**k for k in range(1, len(str(int(t[-1]))))])
         ax.set_xlabel("t (gradient steps)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -240,7 +243,7 @@ def beta_schedules(betas: dict, layers: dict, waypoint_epochs, errors: dict):
     return fig
 
 
-def paths_2d(panels: list[dict], explained=None):
+def paths_2d(panels: list[dict]):
     """SGD checkpoints and convexified paths in a 2-D PCA projection, one panel per expert.
 
     Each panel is {"title": str, "sgd": (E+1, 2), "paths": {label: (T, 2)}, "waypoints": {label: (K, 2)}}."""
@@ -393,7 +396,8 @@ def synthetic_rows(sets: dict, num_classes: int, per_class: int = 1, class_names
 
 def ablation_panels(ablations: dict):
     """One column per ablation: (top) final matching loss (mean of the last 10 iterations),
-    (bottom) final test accuracy, one bar per variant. `ablations[name]` is a list of summary rows."""
+    (bottom) final test accuracy, one point per variant (axes are not zero-based: compare within a
+    column). `ablations[name]` is a list of summary rows."""
     n = len(ablations)
     fig, axes = plt.subplots(2, n, figsize=(2.9 * n, 4.8), constrained_layout=True, squeeze=False)
     for j, (name, rows) in enumerate(ablations.items()):
@@ -403,13 +407,13 @@ def ablation_panels(ablations: dict):
             scale = 100 if key.startswith("final_acc") else 1
             values = [scale * r[key] for r in rows]
             ax = axes[i, j]
-            ax.bar(range(len(values)), values, color=[f"C{k + 2}" for k in range(len(values))])
+            ax.plot(range(len(values)), values, color="0.7", lw=1, zorder=1)
+            ax.scatter(range(len(values)), values, color=[f"C{k + 2}" for k in range(len(values))], s=40, zorder=2)
+            for k, v in enumerate(values):
+                ax.annotate(f"{v:.3g}", (k, v), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7)
             ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=20)
-            finite = [v for v in values if v == v]
-            if finite:
-                span = max(finite) - min(finite)
-                ax.set_ylim(min(finite) - max(span, 0.02 * max(abs(v) for v in finite)) * 1.5,
-                            max(finite) + max(span, 0.02 * max(abs(v) for v in finite)) * 0.8)
+            ax.set_xlim(-0.5, len(values) - 0.5)
+            ax.margins(y=0.3)
             if j == 0:
                 ax.set_ylabel(ylabel)
             if i == 0:
@@ -418,3 +422,107 @@ def ablation_panels(ablations: dict):
 
 
 # --- performance -------------------------------------------------------------------------------
+
+_MODE_STYLE = {"unrolled": ("C3", "o"), "checkpointed": ("C0", "s"), "constant_memory": ("C2", "^")}
+
+
+def bench_memory_vs_syn_steps(result: dict):
+    """Peak memory against syn_steps per gradient mode, from a `mctlib bench` result (its "memory")."""
+    mem = result["memory"]
+    fig, (ax_m, ax_t) = new_figure(2)
+    for mode, (color, marker) in _MODE_STYLE.items():
+        rows = sorted((r for r in mem["rows"] if r["mode"] == mode and "peak_mb" in r), key=lambda r: r["syn_steps"])
+        if not rows:
+            continue
+        steps = [r["syn_steps"] for r in rows]
+        ax_m.plot(steps, [r["peak_mb"] for r in rows], marker=marker, color=color, label=mode.replace("_", " "))
+        sec = [(r.get("iteration_seconds") or r["match_seconds"])["median"] for r in rows]
+        ax_t.plot(steps, sec, marker=marker, color=color, label=mode.replace("_", " "))
+    for ax, label in ((ax_m, "peak memory rise (MB)"), (ax_t, "seconds per iteration")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(mem["syn_steps"], [str(s) for s in mem["syn_steps"]])
+        ax.set_xlabel("syn_steps N")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    ax_m.legend(fontsize=8)
+    ax_m.set_title("peak memory rise per run")
+    ax_t.set_title("seconds per iteration (median)")
+    return fig
+
+
+def bench_seconds_per_iteration(result: dict):
+    """Seconds per distillation iteration (median, IQR bars) and peak memory per method x mode."""
+    rows = [r for r in result["distill"]["rows"] if "match_seconds" in r]
+    fig, (ax_t, ax_m) = new_figure(2, width=4.8)
+    short = {"unrolled": "unrolled", "checkpointed": "checkpt.", "constant_memory": "const. mem."}
+    labels = [f"{r['method']}\n{short[r['mode']]}" for r in rows]
+    x = list(range(len(rows)))
+    colors = [_MODE_STYLE[r["mode"]][0] for r in rows]
+    sec = [r.get("iteration_seconds") or r["match_seconds"] for r in rows]
+    med = [s["median"] for s in sec]
+    err = [[s["median"] - s["q1"] for s in sec], [s["q3"] - s["median"] for s in sec]]
+    ax_t.bar(x, med, yerr=err, color=colors, capsize=3, alpha=0.85, label="wall (median, IQR)")
+    ax_t.plot(x, [r["match_cpu_seconds"]["median"] for r in rows], "k_", markersize=16, mew=2,
+              label="CPU seconds (median)")
+    ref = result["distill"].get("reference", {})
+    if ref.get("target_mtt_unrolled_seconds"):
+        ax_t.axhline(ref["target_mtt_unrolled_seconds"], color="k", ls="--", lw=0.8, label="target, MTT unrolled")
+    if ref.get("original_mtt_seconds"):
+        ax_t.axhline(ref["original_mtt_seconds"], color="0.5", ls=":", lw=0.8, label="original MTT (given)")
+    ax_t.set_ylabel("seconds per iteration")
+    ax_t.legend(fontsize=7)
+    ax_m.bar(x, [r["peak_mb"] for r in rows], color=colors, alpha=0.85)
+    for i, r in enumerate(rows):
+        ax_m.annotate(f"{r['peak_mb']:.0f}", (i, r["peak_mb"]), ha="center", va="bottom", fontsize=7)
+    ax_m.set_ylabel("peak memory rise (MB)")
+    ax_m.set_yscale("log")
+    for ax in (ax_t, ax_m):
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def bench_before_after(result: dict):
+    """Each speed change: its figure with the change off (before) and on (after), one panel each."""
+    changes = result["changes"]
+    fig, axes = new_figure(len(changes), width=2.9, height=3.0, squeeze=False)
+    for ax, c in zip(axes[0], changes):
+        ax.bar([0, 1], [c["before"], c["after"]], color=["0.6", "C0"], alpha=0.9, label="wall")
+        ax.plot([0, 1], [c["before_cpu"], c["after_cpu"]], "k_", markersize=20, mew=2, label="CPU seconds")
+        for i, v in enumerate((c["before"], c["after"])):
+            ax.annotate(f"{v:.2f}", (i, v), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks([0, 1], ["before", "after"])
+        ax.set_title(c["change"].split(" (")[0], fontsize=8)
+        ax.set_ylabel(c["figure"], fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=7)
+    return fig
+
+
+def bench_threads(result: dict):
+    """Seconds per MTT-unrolled iteration per thread setting, on the machine as found and contended."""
+    rows = [r for r in result["threads"]["rows"] if "match_seconds" in r]
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    conditions = list(dict.fromkeys(r.get("condition", "as found") for r in rows))
+    fig, ax = new_figure(1, width=6.4, height=3.3)
+    width = 0.8 / len(conditions)
+    for j, (cond, color) in enumerate(zip(conditions, ("C0", "C1", "C2"))):
+        for i, label in enumerate(labels):
+            row = next((r for r in rows if r["label"] == label and r.get("condition", "as found") == cond), None)
+            if row is None:
+                continue
+            s = row["match_seconds"]
+            x = i + (j - (len(conditions) - 1) / 2) * width
+            ax.bar(x, s["median"], width=width * 0.95, color=color, alpha=0.85,
+                   yerr=[[s["median"] - s["q1"]], [s["q3"] - s["median"]]], capsize=2,
+                   label=cond if i == 0 or not ax.get_legend_handles_labels()[1].count(cond) else None)
+            ax.annotate(f"{s['median']:.2f}", (x, s["q3"]), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(labels)), [lab.replace(", ", ",\n") for lab in labels], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=min(r["match_seconds"]["q1"] for r in rows) / 4)
+    ax.set_ylabel("seconds per iteration (median, IQR)")
+    handles, names = ax.get_legend_handles_labels()
+    ax.legend(dict(zip(names, handles)).values(), dict(zip(names, handles)).keys(), fontsize=7)
+    ax.grid(alpha=0.3, axis="y", which="both")
+    return fig

@@ -22,11 +22,15 @@ from safetensors.torch import save as st_save
 
 from .device import versions
 from .networks import FlatModel, NetConfig, build_network
-from .trajectories import ConvexRecord, FullBuffer
+from .trajectories import ConvexRecord, FullBuffer, convexify
 
 FORMAT = "mctlib-trajectories"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class StoreError(RuntimeError):
@@ -39,6 +43,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should look like any file the user writes
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -142,14 +147,17 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def _check_match(manifest: dict, net: NetConfig | None, dataset: dict | None, path: Path) -> None:
+def check_match(manifest: dict, net: NetConfig | None, dataset: dict | None, path: Path) -> None:
+    """Refuse a store recorded for another network or dataset setting, naming both sides."""
     if net is not None and manifest["net"] != net.to_dict():
         diff = {k: (manifest["net"].get(k), v) for k, v in net.to_dict().items() if manifest["net"].get(k) != v}
         raise StoreError(f"{path} was recorded for another network: " +
                          ", ".join(f"{k}: store {a!r} vs requested {b!r}" for k, (a, b) in diff.items()))
     if dataset is not None:
         stored = manifest["dataset"]
-        keys = [k for k in ("name", "image_size", "zca", "channels", "num_classes") if k in dataset and k in stored]
+        # The split (counts per class) is compared too: experts trained on another split saw other images.
+        keys = [k for k in ("name", "image_size", "zca", "channels", "num_classes", "num_train", "num_test",
+                            "train_per_class") if k in dataset and k in stored]
         diff = {k: (stored[k], dataset[k]) for k in keys if stored[k] != dataset[k]}
         if diff:
             raise StoreError(f"{path} was recorded on another dataset setting: " +
@@ -161,7 +169,7 @@ def load_store(path: str | Path, net: NetConfig | None = None, dataset: dict | N
     """Load and verify a store; `net`/`dataset` (a `Dataset.describe()` dict) must match if given."""
     path = Path(path)
     manifest = read_manifest(path)
-    _check_match(manifest, net, dataset, path)
+    check_match(manifest, net, dataset, path)
     stored_net = NetConfig.from_dict(manifest["net"])
     model = FlatModel(build_network(stored_net))
     records = []
@@ -195,3 +203,20 @@ def load_store(path: str | Path, net: NetConfig | None = None, dataset: dict | N
                                   model.layer_slices)
         records.append(record)
     return TrajectoryStore(path, manifest, records)
+
+
+def save_convexified(store_full: TrajectoryStore, out: str | Path, num_waypoints: int = 4,
+                     beta_schedule: str = "arc_length", smooth: bool = True, store_theta0: bool = True,
+                     overwrite: bool = False) -> Path:
+    """Write the convexified records of a store of full buffers: same experts, same manifest facts."""
+    if store_full.kind != "full":
+        raise StoreError(f"{store_full.path} holds {store_full.kind} records; convexify needs full buffers")
+    model = FlatModel(build_network(store_full.net))
+    records = [convexify(r, model.layer_slices, num_waypoints, beta_schedule, smooth) for r in store_full.records]
+    m = store_full.manifest
+    recipe = {**m["recipe"], "record": "convex", "num_waypoints": num_waypoints, "beta_schedule": beta_schedule,
+              "smooth": smooth, "store_theta0": store_theta0}
+    return save_store(out, records, store_full.net, m["dataset"], recipe, [e["init_seed"] for e in m["experts"]],
+                      store_theta0=store_theta0, overwrite=overwrite,
+                      extra={"stats": m.get("stats"), "beta_schedule": beta_schedule, "smooth": smooth,
+                             "converted_from": str(store_full.path)})

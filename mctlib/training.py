@@ -1,9 +1,11 @@
 """The one training loop: plain/momentum SGD on flat parameter vectors, for experts and evaluation.
 
 Several networks train at once as an ensemble: their parameters are stacked into an (M, D)
-tensor and the forward pass is `torch.func.vmap` of the flat model, so convolutions run as one
-grouped call instead of M small ones. Each network keeps its own data order and augmentation
-draws (its own generator), so the ensemble computes what M separate runs would.
+tensor and one backward pass serves all of them. On a GPU the forward pass is `torch.func.vmap`
+of the flat model, so convolutions run as one grouped call instead of M small ones; on a CPU the
+M forwards run one after another inside the same graph (see `VMAP_DEVICES`). Each network keeps
+its own data order and augmentation draws (its own generator), so the ensemble computes what M
+separate runs would.
 """
 
 from __future__ import annotations
@@ -40,9 +42,15 @@ class SGDRecipe:
     decay: float = 0.1
 
 
+# Device types on which the ensemble forward is vmap-ed. Not on CPU: there vmap turns each
+# convolution into a grouped one and the norm's affine into broadcast ops, measured 0.6-0.8x the
+# speed of M separate calls (`python -m mctlib bench`, book/performance.md); a loop matches them.
+VMAP_DEVICES = ("cuda",)
+
+
 def _forward(model: FlatModel, params: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Logits of M networks on their own (M, B, ...) batches."""
-    if params.shape[0] > 1 and model.supports_vmap:
+    if params.shape[0] > 1 and model.supports_vmap and params.device.type in VMAP_DEVICES:
         return vmap(model, in_dims=(0, 0))(params, images)
     return torch.stack([model(p, x) for p, x in zip(params, images)])
 

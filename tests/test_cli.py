@@ -72,10 +72,13 @@ def test_pipeline_end_to_end(full_store, tmp_path, capsys):
 
     evaluated = tmp_path / "eval"
     assert main(["evaluate", "--synthetic", str(runs["mct", "unrolled"] / "synthetic_best.safetensors"),
-                 "--out", str(evaluated), "--num-eval", "2", "--epochs", "3", "--no-progress", "--device", "cpu",
-                 *TINY_NET]) == 0
+                 "--out", str(evaluated), "--num-eval", "2", "--epochs", "3", "--no-progress", "--device", "cpu"]) == 0
     result = json.loads((evaluated / "metrics.json").read_text())
     assert len(result["results"][0]["accuracies"]) == 2
+    assert result["config"]["net"]["width"] == 16  # the network the set was distilled with, from its config.json
+    with pytest.raises(SystemExit):  # network flags beside a run's config are ambiguous: refused
+        main(["evaluate", "--synthetic", str(runs["mct", "unrolled"] / "synthetic_best.safetensors"),
+              "--out", str(tmp_path / "e2"), "--device", "cpu", "--net-width", "32"])
     assert main(["evaluate", "--baseline", "random_real", "--ipc", "1", "--out", str(tmp_path / "rr"),
                  "--num-eval", "2", "--epochs", "3", "--device", "cpu", *TINY_NET]) == 0
     # A second run into the same folder is refused instead of overwriting it.

@@ -17,7 +17,7 @@ from mctlib.data import load_dataset
 from mctlib.distill import CHECKPOINT, CheckpointError, DivergenceError, distill, load_synthetic
 from mctlib.experts import make_experts
 from mctlib.networks import FlatModel, NetConfig, build_network
-from mctlib.storage import load_store, save_store
+from mctlib.storage import StoreError, load_store, save_store
 from mctlib.trajectories import convexify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,5 +157,5 @@ def test_method_and_record_kind_must_agree(data, stores):
         distill(DistillConfig(method="mct", **SMALL), stores[0], data, progress=False)
     with pytest.raises(ValueError, match="mct"):
         distill(DistillConfig(method="mtt", **SMALL), stores[1], data, progress=False)
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(StoreError, match=r"image_size: store \[8, 8\] vs requested \[16, 16\]"):
         distill(DistillConfig(method="mtt", **SMALL), stores[0], load_dataset("digits"), progress=False)

@@ -1,0 +1,290 @@
+"""Measurements on expert trajectories, for the chapters (METHOD.md, chapters 1 and 3).
+
+Chapter 1 reads MTT's loss as update-vector matching: the expert's V_T = theta_{s+M} - theta_s is
+the target the synthetic set must predict. These functions measure how noisy that target is
+(cosines along and across trajectories, V_T redrawn under fresh SGD noise from the same start,
+accuracy along SGD). Chapter 3 compares the SGD path with its convexified record (PCA view,
+interpolation error) and measures what each record costs on disk.
+Nothing here trains differently from `training.train_networks` or stores differently from
+`storage.save_store`: both are called, not re-implemented.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .matching import Student, StudentPlan, matching_loss
+from .networks import FlatModel, NetConfig, build_network
+from .storage import MANIFEST, load_store, save_store
+from .training import SGDRecipe, accuracy, derive_seed, train_networks
+from .trajectories import ConvexRecord, FullBuffer, convexify, sample_window
+
+Augment = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+# --- update vectors (chapter 1) ----------------------------------------------------------------
+
+def update_vectors_along(buffer: FullBuffer, expert_epochs: int) -> torch.Tensor:
+    """V_T(s) = theta_{s+M} - theta_s for every start s = 0 .. E - M; shape (E - M + 1, D)."""
+    m = int(expert_epochs)
+    if m != expert_epochs or not 1 <= m <= buffer.epochs:
+        raise ValueError(f"expert_epochs M = {expert_epochs} must be an integer in [1, {buffer.epochs}] for a full buffer")
+    return buffer.params[m:] - buffer.params[:-m]
+
+
+def _unit(vectors: torch.Tensor) -> torch.Tensor:
+    v = vectors.double()
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+
+
+def consecutive_cosines(vectors: torch.Tensor) -> torch.Tensor:
+    """cos(V_t, V_{t+1}) for consecutive rows of a (T, D) tensor; shape (T - 1,)."""
+    if vectors.dim() != 2 or vectors.shape[0] < 2:
+        raise ValueError(f"need a (T, D) tensor with T >= 2 rows, got {tuple(vectors.shape)}")
+    u = _unit(vectors)
+    return (u[1:] * u[:-1]).sum(-1)
+
+
+def pairwise_cosines(vectors: torch.Tensor) -> torch.Tensor:
+    """cos between every pair of rows of an (X, D) tensor: the X (X - 1) / 2 off-diagonal values."""
+    if vectors.dim() != 2 or vectors.shape[0] < 2:
+        raise ValueError(f"need an (X, D) tensor with X >= 2 rows, got {tuple(vectors.shape)}")
+    u = _unit(vectors)
+    gram = u @ u.T
+    i, j = torch.triu_indices(len(u), len(u), offset=1)
+    return gram[i, j]
+
+
+def cross_expert_cosines(vectors: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """For each start s, the mean pairwise cosine between the experts' V_T(s).
+
+    `vectors`: one (T, D) tensor of update vectors per expert (or an (X, T, D) tensor); shape (T,).
+    """
+    stack = torch.stack(list(vectors)) if not torch.is_tensor(vectors) else vectors
+    if stack.dim() != 3 or stack.shape[0] < 2:
+        raise ValueError(f"need update vectors of at least 2 experts as (X, T, D), got {tuple(stack.shape)}")
+    return torch.stack([pairwise_cosines(stack[:, t]).mean() for t in range(stack.shape[1])])
+
+
+def relative_spread(vectors: torch.Tensor) -> float:
+    """E||V - mean V||^2 / E||V||^2 over the rows of an (R, D) tensor.
+
+    For targets V_T redrawn at random around a mean, this is the smallest expected matching loss
+    ||V_S - V_T||^2 / ||V_T||^2 any fixed prediction V_S can reach (up to the normaliser varying):
+    the noise floor of the objective.
+    """
+    v = vectors.double()
+    return float((v - v.mean(0)).pow(2).sum(-1).mean() / v.pow(2).sum(-1).mean())
+
+
+def path_straightness(buffer: FullBuffer, expert_epochs: int) -> torch.Tensor:
+    """||theta_{s+M} - theta_s|| / sum_{j=s}^{s+M-1} ||theta_{j+1} - theta_j|| for each start s.
+
+    1 for a straight path; below 1 when consecutive epochs partly undo each other."""
+    chord = update_vectors_along(buffer, expert_epochs).double().norm(dim=-1)
+    steps = (buffer.params[1:] - buffer.params[:-1]).double().norm(dim=-1)
+    cumulative = torch.cat([steps.new_zeros(1), steps.cumsum(0)])
+    m = int(expert_epochs)
+    return chord / (cumulative[m:] - cumulative[:-m]).clamp_min(1e-300)
+
+
+def resampled_update_vectors(model: FlatModel, theta_start: torch.Tensor, images: torch.Tensor,
+                             labels: torch.Tensor, recipe: SGDRecipe, seeds: Sequence[int],
+                             augment: Augment | None = None) -> torch.Tensor:
+    """V_T redrawn R times: train R copies of theta_start for recipe.epochs epochs, each with its own
+    data order and augmentation (seed), and return theta_{s+M} - theta_s; shape (R, D)."""
+    start = theta_start.detach().reshape(1, -1)
+    final = train_networks(model, start.expand(len(seeds), -1).clone(), images, labels, recipe, list(seeds), augment)
+    return final - start
+
+
+def sgd_step_path(model: FlatModel, theta_start: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                  recipe: SGDRecipe, seed: int, augment: Augment | None = None) -> torch.Tensor:
+    """Every minibatch iterate of one plain-SGD run: (steps + 1, D), starting with theta_start.
+
+    Each step is `train_networks` on one minibatch for one epoch, so the update is computed by the
+    one training loop; the data order is a fresh permutation per epoch, as in expert training.
+    Plain SGD only: a momentum buffer would not carry over from one call to the next.
+    """
+    if recipe.momentum or recipe.decay_epoch is not None:
+        raise ValueError("sgd_step_path replays plain SGD (momentum 0, no lr decay) one minibatch at a time")
+    gen = torch.Generator().manual_seed(int(seed))
+    theta = theta_start.detach().reshape(1, -1).clone()
+    path = [theta[0].clone()]
+    one_step = SGDRecipe(lr=recipe.lr, epochs=1, batch_size=recipe.batch_size, weight_decay=recipe.weight_decay)
+    n = images.shape[0]
+    for epoch in range(recipe.epochs):
+        for step, batch in enumerate(torch.randperm(n, generator=gen).split(recipe.batch_size)):
+            theta = train_networks(model, theta, images[batch], labels[batch], one_step,
+                                   [derive_seed(seed, epoch, step)], augment)
+            path.append(theta[0].clone())
+    return torch.stack(path)
+
+
+def waypoint_losses(student: Student, images: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor,
+                    records: Sequence, expert_epochs: float, starts: Sequence[float],
+                    plan: StudentPlan) -> torch.Tensor:
+    """The matching loss of one synthetic set at every waypoint (theta_s, V_T) of every expert.
+
+    Read as in chapter 1, the waypoints are the training set of the "model" S, and this is its
+    loss on each training example; the same plan (minibatches, augmentation) is used throughout,
+    so S is one fixed function from theta_s to V_S. Shape (num_experts, len(starts)).
+    """
+    out = torch.empty(len(records), len(starts), dtype=torch.float64)
+    for i, record in enumerate(records):
+        for j, s in enumerate(starts):
+            theta_start = record.point(float(s))
+            theta_target = record.point(min(float(s) + float(expert_epochs), float(record.epochs)))
+            theta_end, _, _ = student.unroll(theta_start, images, labels, alpha, plan)
+            out[i, j] = matching_loss(theta_end, theta_start, theta_target).item()
+    return out
+
+
+def accuracy_along(model: FlatModel, points: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                   chunk: int = 32) -> torch.Tensor:
+    """Test accuracy of every parameter vector in `points` (T, D), `chunk` networks at a time; shape (T,)."""
+    if points.dim() != 2:
+        raise ValueError(f"points must be (T, D), got {tuple(points.shape)}")
+    return torch.cat([accuracy(model, points[i:i + chunk], images, labels) for i in range(0, len(points), chunk)])
+
+
+# --- convexified trajectories (chapter 3) ------------------------------------------------------
+
+def record_points(record, taus: Sequence[float]) -> torch.Tensor:
+    """theta(tau) of a FullBuffer or ConvexRecord at each tau; shape (len(taus), D)."""
+    return torch.stack([record.point(float(t)) for t in taus])
+
+
+def interpolation_error(buffer: FullBuffer, record: ConvexRecord, reference: str = "norm") -> torch.Tensor:
+    """||theta_e - theta_hat(e)|| / ||theta_e|| for e = 0..E (reference 'norm'), or divided by the
+    distance travelled ||theta_e - theta_0|| (reference 'displacement'; 0 at e = 0); shape (E+1,)."""
+    if record.epochs != buffer.epochs:
+        raise ValueError(f"record covers {record.epochs} epochs, the buffer {buffer.epochs}")
+    sgd = buffer.params.double()
+    convex = record_points(record, range(buffer.epochs + 1)).double()
+    error = (sgd - convex).norm(dim=-1)
+    if reference == "norm":
+        return error / sgd.norm(dim=-1)
+    if reference == "displacement":
+        moved = (sgd - sgd[0]).norm(dim=-1)
+        return torch.where(moved > 0, error / moved.clamp_min(1e-300), torch.zeros_like(error))
+    raise ValueError(f"reference {reference!r} unknown; choose 'norm' or 'displacement'")
+
+
+@dataclass
+class Projection:
+    """Points of several paths in one shared 2-D PCA basis."""
+
+    coords: list[torch.Tensor]      # one (T_i, 2) tensor per path
+    components: torch.Tensor        # (2, D), unit rows
+    mean: torch.Tensor              # (D,)
+    explained: torch.Tensor         # (2,) fraction of the variance of all points along each component
+
+
+def pca_projection(paths: Sequence[torch.Tensor], fit_on: Sequence[int] | None = None) -> Projection:
+    """Project every (T_i, D) path onto the top-2 principal directions of the pooled points.
+
+    The basis is fitted on the paths listed in `fit_on` (default all), centred on their mean,
+    by an exact SVD; each component's sign is fixed so that its largest-magnitude entry is
+    positive, which makes the picture reproducible.
+    """
+    fit = [paths[i] for i in (range(len(paths)) if fit_on is None else fit_on)]
+    points = torch.cat([p.double() for p in fit])
+    mean = points.mean(0)
+    _, s, vh = torch.linalg.svd(points - mean, full_matrices=False)
+    components = vh[:2]
+    sign = torch.sign(components.gather(1, components.abs().argmax(1, keepdim=True)))
+    components = components * sign
+    explained = s[:2].pow(2) / s.pow(2).sum()
+    coords = [(p.double() - mean) @ components.T for p in paths]
+    return Projection(coords, components, mean, explained)
+
+
+def window_samples(sampling: str, count: int, expert_epochs: float, max_start_epoch: float, epochs: int,
+                   seed: int = 0) -> torch.Tensor:
+    """`count` draws of (tau_start, tau_target) from `trajectories.sample_window`; shape (count, 2)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.tensor([sample_window(gen, sampling, expert_epochs, max_start_epoch, epochs)
+                         for _ in range(count)], dtype=torch.float64)
+
+
+# --- storage -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StorageSetting:
+    """One way to store the experts: a full buffer (num_waypoints None) or a convexified record."""
+
+    name: str
+    num_waypoints: int | None = None
+    store_theta0: bool = True
+
+
+DEFAULT_SETTINGS = (
+    StorageSetting("full buffer"),
+    StorageSetting("K = 4", 4),
+    StorageSetting("K = 2", 2),
+    StorageSetting("K = 2, theta_0 from seed", 2, False),
+)
+
+
+def storage_table(buffers: Sequence[FullBuffer], net: NetConfig, dataset: dict, init_seeds: Sequence[int],
+                  settings: Sequence[StorageSetting] = DEFAULT_SETTINGS, recipe: dict | None = None,
+                  schedule: str = "arc_length", smooth: bool = True, folder: str | Path | None = None) -> list[dict]:
+    """Write the experts in each setting with `storage.save_store`, measure the files on disk, and
+    load each store back to check it reproduces what was written.
+
+    Returns one row per setting: name, num_waypoints, theta0 ('stored' / 'seed'), vectors per
+    expert, bytes_per_expert (mean size of the expert files), manifest_bytes, total_bytes (experts
+    + manifest), ratio (full-buffer bytes per expert / this setting's) and round_trip (bool).
+    Files go to a temporary folder unless `folder` is given.
+    """
+    layer_slices = FlatModel(build_network(net)).layer_slices
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(folder) if folder is not None else Path(tmp)
+        for i, setting in enumerate(settings):
+            if setting.num_waypoints is None:
+                records = list(buffers)
+            else:
+                records = [convexify(b, layer_slices, setting.num_waypoints, schedule, smooth) for b in buffers]
+            path = save_store(root / f"store_{i}", records, net, dataset, recipe or {}, list(init_seeds),
+                              store_theta0=setting.store_theta0, overwrite=True)
+            files = sorted(path.glob("expert_*.safetensors"))
+            sizes = [f.stat().st_size for f in files]
+            manifest_bytes = (path / MANIFEST).stat().st_size
+            loaded = load_store(path, net=net)
+            round_trip = all(_same_record(a, b) for a, b in zip(records, loaded.records, strict=True))
+            vectors = (buffers[0].epochs + 1 if setting.num_waypoints is None else setting.num_waypoints) \
+                - (0 if setting.store_theta0 else 1)
+            rows.append({"name": setting.name, "num_waypoints": setting.num_waypoints,
+                         "theta0": "stored" if setting.store_theta0 else "seed", "vectors": vectors,
+                         "bytes_per_expert": sum(sizes) / len(sizes), "manifest_bytes": manifest_bytes,
+                         "total_bytes": sum(sizes) + manifest_bytes, "round_trip": round_trip})
+    full = rows[0]["bytes_per_expert"]
+    for row in rows:
+        row["ratio"] = full / row["bytes_per_expert"]
+    return rows
+
+
+def _same_record(a, b) -> bool:
+    if isinstance(a, FullBuffer):
+        return isinstance(b, FullBuffer) and torch.equal(a.params, b.params)
+    return (isinstance(b, ConvexRecord) and torch.equal(a.waypoints, b.waypoints)
+            and torch.equal(a.beta, b.beta) and a.waypoint_epochs == b.waypoint_epochs)
+
+
+def storage_estimate(num_params: int, epochs: int, num_layers: int, num_waypoints: int | None = None,
+                     store_theta0: bool = True, bytes_per_value: int = 4) -> int:
+    """Bytes of one expert's tensors: (E+1) D values for a full buffer; K D + (E+1) L for a
+    convexified record (K waypoints and the beta table); one vector fewer with theta_0 from seed.
+    File headers (a few hundred bytes) are not counted."""
+    if num_waypoints is None:
+        values = (epochs + 1 - (0 if store_theta0 else 1)) * num_params
+    else:
+        values = (num_waypoints - (0 if store_theta0 else 1)) * num_params + (epochs + 1) * num_layers
+    return values * bytes_per_value

@@ -1,0 +1,259 @@
+"""Tests for mctlib.analysis: update vectors, cosines, accuracy along paths, PCA, storage."""
+
+import math
+
+import pytest
+import torch
+
+from mctlib.analysis import (
+    StorageSetting,
+    accuracy_along,
+    consecutive_cosines,
+    cross_expert_cosines,
+    interpolation_error,
+    pairwise_cosines,
+    path_straightness,
+    pca_projection,
+    record_points,
+    relative_spread,
+    resampled_update_vectors,
+    sgd_step_path,
+    storage_estimate,
+    storage_table,
+    update_vectors_along,
+    window_samples,
+)
+from mctlib.networks import FlatModel, NetConfig, build_network
+from mctlib.training import SGDRecipe, train_networks
+from mctlib.trajectories import FullBuffer, convexify
+
+TINY = NetConfig(arch="convnet", channels=1, num_classes=3, image_size=8, width=4, depth=2)
+
+
+def _data(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.arange(n) % 3
+
+
+def _buffer(epochs=5, dim=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return FullBuffer(torch.randn(epochs + 1, dim, generator=g).cumsum(0))
+
+
+def _tiny_buffers(count=2, epochs=4):
+    model = FlatModel(build_network(TINY))
+    x, y = _data()
+    seeds = [10 + i for i in range(count)]
+    params = torch.stack([FlatModel(build_network(TINY, seed=s)).flatten() for s in seeds])
+    snaps = []
+    train_networks(model, params, x, y, SGDRecipe(lr=0.1, epochs=epochs, batch_size=8), [1, 2][:count],
+                   on_epoch=lambda e, p: snaps.append(p.clone()))
+    stacked = torch.stack(snaps, 1)
+    return model, [FullBuffer(stacked[i]) for i in range(count)], seeds
+
+
+# --- update vectors ------------------------------------------------------------------------------
+
+def test_update_vectors_along_are_differences_m_epochs_apart():
+    buf = _buffer()
+    v = update_vectors_along(buf, 2)
+    assert v.shape == (4, 6)
+    for s in range(4):
+        assert torch.equal(v[s], buf.params[s + 2] - buf.params[s])
+    with pytest.raises(ValueError, match="expert_epochs"):
+        update_vectors_along(buf, 6)
+    with pytest.raises(ValueError, match="integer"):
+        update_vectors_along(buf, 1.5)
+
+
+def test_consecutive_and_pairwise_cosines():
+    v = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0], [0.0, -1.0]])
+    cos = consecutive_cosines(v)
+    assert torch.allclose(cos, torch.tensor([1 / math.sqrt(2), 1 / math.sqrt(2), -1.0], dtype=torch.float64))
+    pair = pairwise_cosines(v[:3])
+    assert torch.allclose(pair, torch.tensor([1 / math.sqrt(2), 0.0, 1 / math.sqrt(2)], dtype=torch.float64))
+    with pytest.raises(ValueError):
+        consecutive_cosines(v[:1])
+
+
+def test_cross_expert_cosines_per_start():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+    cos = cross_expert_cosines([a, b])
+    assert torch.allclose(cos, torch.tensor([1.0, -1.0], dtype=torch.float64))
+    assert torch.allclose(cross_expert_cosines(torch.stack([a, b])), cos)
+    with pytest.raises(ValueError):
+        cross_expert_cosines([a])
+
+
+def test_relative_spread_is_zero_for_identical_and_one_for_opposite_targets():
+    v = torch.tensor([[1.0, 2.0]]).repeat(3, 1)
+    assert relative_spread(v) == pytest.approx(0.0)
+    assert relative_spread(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(1.0)
+
+
+def test_path_straightness_one_on_a_line_below_one_when_it_zigzags():
+    line = FullBuffer(torch.arange(5.0).unsqueeze(1) * torch.tensor([[1.0, 2.0]]))
+    assert torch.allclose(path_straightness(line, 2), torch.ones(3, dtype=torch.float64))
+    zigzag = FullBuffer(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]]))
+    assert path_straightness(zigzag, 2).item() == pytest.approx(2 / (2 * math.sqrt(2)))
+
+
+# --- SGD replays ---------------------------------------------------------------------------------
+
+def test_resampled_update_vectors_match_train_networks_and_differ_by_seed():
+    model = FlatModel(build_network(TINY))
+    theta = FlatModel(build_network(TINY, seed=3)).flatten()
+    x, y = _data()
+    recipe = SGDRecipe(lr=0.1, epochs=1, batch_size=8)
+    v = resampled_update_vectors(model, theta, x, y, recipe, [5, 6])
+    assert v.shape == (2, theta.numel())
+    again = train_networks(model, theta.unsqueeze(0), x, y, recipe, [5])[0] - theta
+    assert torch.allclose(v[0], again, atol=1e-6)
+    assert not torch.allclose(v[0], v[1])
+
+
+def test_sgd_step_path_has_one_point_per_minibatch_and_is_seeded():
+    model = FlatModel(build_network(TINY))
+    theta = FlatModel(build_network(TINY, seed=3)).flatten()
+    x, y = _data(n=20)
+    recipe = SGDRecipe(lr=0.1, epochs=2, batch_size=8)            # 3 minibatches per epoch (8, 8, 4)
+    path = sgd_step_path(model, theta, x, y, recipe, seed=1)
+    assert path.shape == (1 + 2 * 3, theta.numel())
+    assert torch.equal(path[0], theta)
+    assert torch.equal(path, sgd_step_path(model, theta, x, y, recipe, seed=1))
+    assert (path[1:] - path[:-1]).norm(dim=-1).min() > 0
+    with pytest.raises(ValueError, match="plain SGD"):
+        sgd_step_path(model, theta, x, y, SGDRecipe(lr=0.1, epochs=1, momentum=0.9), seed=1)
+
+
+def test_sgd_step_path_first_step_is_a_gradient_step_on_its_minibatch():
+    model = FlatModel(build_network(TINY))
+    theta = FlatModel(build_network(TINY, seed=3)).flatten()
+    x, y = _data(n=8)
+    path = sgd_step_path(model, theta, x, y, SGDRecipe(lr=0.1, epochs=1, batch_size=8), seed=0)
+    t = theta.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(model(t, x), y)
+    (g,) = torch.autograd.grad(loss, t)
+    assert torch.allclose(path[1], theta - 0.1 * g, atol=1e-6)
+
+
+def test_accuracy_along_matches_accuracy_per_point():
+    model = FlatModel(build_network(TINY))
+    points = torch.stack([FlatModel(build_network(TINY, seed=s)).flatten() for s in range(5)])
+    x, y = _data()
+    acc = accuracy_along(model, points, x, y, chunk=2)
+    assert acc.shape == (5,)
+    for i in range(5):
+        logits = model(points[i], x)
+        assert acc[i].item() == pytest.approx((logits.argmax(-1) == y).float().mean().item())
+
+
+# --- convexified paths ---------------------------------------------------------------------------
+
+def test_interpolation_error_zero_at_waypoints_without_smoothing():
+    buf = _buffer(epochs=6)
+    slices = (slice(0, 2), slice(2, 6))
+    rec = convexify(buf, slices, num_waypoints=3, smooth=False)
+    err = interpolation_error(buf, rec)
+    assert err.shape == (7,)
+    for w in rec.waypoint_epochs:
+        assert err[w].item() == pytest.approx(0.0, abs=1e-7)
+    assert err.max() > 0
+    disp = interpolation_error(buf, rec, reference="displacement")
+    assert disp[0] == 0
+    assert torch.allclose(disp[1:], err[1:] * buf.params[1:].double().norm(dim=-1)
+                          / (buf.params[1:] - buf.params[0]).double().norm(dim=-1))
+    with pytest.raises(ValueError, match="reference"):
+        interpolation_error(buf, rec, reference="other")
+
+
+def test_interpolation_error_zero_for_a_straight_uniform_path():
+    line = FullBuffer(1.0 + torch.arange(7.0).unsqueeze(1) * torch.tensor([[1.0, -2.0, 0.5]]))
+    rec = convexify(line, (slice(0, 3),), num_waypoints=2, schedule="uniform", smooth=False)
+    assert interpolation_error(line, rec).max() < 1e-6
+
+
+def test_record_points_at_fractional_tau():
+    buf = _buffer(epochs=4)
+    rec = convexify(buf, (slice(0, 6),), num_waypoints=2, schedule="uniform", smooth=False)
+    pts = record_points(rec, [0.0, 2.0, 4.0])
+    assert torch.allclose(pts[1], (buf.params[0] + buf.params[4]) / 2, atol=1e-6)
+    assert record_points(buf, [1, 3]).shape == (2, 6)
+
+
+def test_pca_projection_recovers_a_planar_set_and_shares_the_basis():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(20, 2, generator=g))[0].T          # (2, 20) orthonormal
+    a = torch.randn(8, 2, generator=g) * torch.tensor([3.0, 1.0]) @ basis
+    b = torch.randn(5, 2, generator=g) @ basis
+    proj = pca_projection([a, b])
+    assert [c.shape for c in proj.coords] == [(8, 2), (5, 2)]
+    assert proj.explained.sum().item() == pytest.approx(1.0, abs=1e-9)
+    back = torch.cat(proj.coords) @ proj.components + proj.mean
+    assert torch.allclose(back, torch.cat([a, b]).double(), atol=1e-5)
+    # deterministic signs: the largest-magnitude entry of each component is positive
+    assert (proj.components.gather(1, proj.components.abs().argmax(1, keepdim=True)) > 0).all()
+    only_a = pca_projection([a, b], fit_on=[0])
+    assert only_a.coords[1].shape == (5, 2)
+
+
+def test_window_samples_integer_and_continuous():
+    ints = window_samples("integer", 200, 2, 8, 15, seed=0)
+    assert ints.shape == (200, 2)
+    assert torch.equal(ints[:, 0], ints[:, 0].round()) and ints[:, 0].max() <= 7
+    assert torch.equal(ints[:, 1] - ints[:, 0], torch.full((200,), 2.0, dtype=torch.float64))
+    cont = window_samples("continuous", 200, 2.5, 8, 15, seed=0)
+    assert (cont[:, 0] != cont[:, 0].round()).all() and cont[:, 0].max() < 8
+    assert torch.allclose(cont[:, 1] - cont[:, 0], torch.full((200,), 2.5, dtype=torch.float64))
+    assert torch.equal(cont, window_samples("continuous", 200, 2.5, 8, 15, seed=0))
+
+
+# --- storage -------------------------------------------------------------------------------------
+
+def test_storage_estimate_formula():
+    assert storage_estimate(100, 50, 3) == 51 * 100 * 4
+    assert storage_estimate(100, 50, 3, store_theta0=False) == 50 * 100 * 4
+    assert storage_estimate(100, 50, 3, num_waypoints=4) == (4 * 100 + 51 * 3) * 4
+    assert storage_estimate(100, 50, 3, num_waypoints=2, store_theta0=False) == (100 + 51 * 3) * 4
+
+
+def test_storage_table_measures_real_files_and_round_trips(tmp_path):
+    model, buffers, seeds = _tiny_buffers(count=2, epochs=4)
+    rows = storage_table(buffers, TINY, {"name": "toy"}, seeds, folder=tmp_path)
+    assert [r["name"] for r in rows] == ["full buffer", "K = 4", "K = 2", "K = 2, theta_0 from seed"]
+    assert all(r["round_trip"] for r in rows)
+    assert rows[0]["ratio"] == 1.0
+    d, e, layers = model.numel, 4, len(model.layer_slices)
+    estimates = [storage_estimate(d, e, layers), storage_estimate(d, e, layers, 4),
+                 storage_estimate(d, e, layers, 2), storage_estimate(d, e, layers, 2, store_theta0=False)]
+    for row, est in zip(rows, estimates):
+        files = sorted((tmp_path / f"store_{rows.index(row)}").glob("expert_*.safetensors"))
+        assert row["bytes_per_expert"] == sum(f.stat().st_size for f in files) / len(files)
+        assert est <= row["bytes_per_expert"] < est + 1024       # tensors plus a small safetensors header
+    assert rows[0]["bytes_per_expert"] > rows[1]["bytes_per_expert"] > rows[2]["bytes_per_expert"] \
+        > rows[3]["bytes_per_expert"]
+    assert rows[3]["vectors"] == 1 and rows[0]["vectors"] == e + 1
+
+
+def test_storage_table_custom_settings_in_a_temporary_folder():
+    _, buffers, seeds = _tiny_buffers(count=1, epochs=3)
+    rows = storage_table(buffers, TINY, {"name": "toy"}, seeds,
+                         settings=[StorageSetting("full"), StorageSetting("K = 3", 3)])
+    assert len(rows) == 2 and rows[1]["num_waypoints"] == 3 and rows[1]["ratio"] > 1
+
+
+def test_waypoint_losses_equal_match_losses():
+    from mctlib.analysis import waypoint_losses
+    from mctlib.matching import Student, match, plan_student
+
+    model, buffers, _ = _tiny_buffers(count=2, epochs=4)
+    x, y = _data(n=6, seed=1)
+    alpha = torch.tensor(0.05)
+    student = Student(model)
+    plan = plan_student(6, 3, 3, torch.Generator().manual_seed(0))
+    losses = waypoint_losses(student, x, y, alpha, buffers, 2, [0, 1, 2], plan)
+    assert losses.shape == (2, 3)
+    ref = match(student, x.clone().requires_grad_(True), y, alpha.clone().requires_grad_(True),
+                buffers[1].point(1), buffers[1].point(3), plan)
+    assert losses[1, 1].item() == pytest.approx(ref.loss, rel=1e-5)
