@@ -1,0 +1,172 @@
+"""`mctlib bench`: a smoke test of `--quick` (the JSON's structure, numbers positive) and the helpers.
+
+No speed target lives here: timings on a shared CPU are noise at this size. The figures themselves
+come from a full run (`python -m mctlib bench`) and are discussed in book/performance.md.
+"""
+
+import json
+
+import pytest
+import torch
+
+from mctlib import bench
+from mctlib.device import configure_threads
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    out, md, figures = folder / "bench.json", folder / "bench.md", folder / "figures"
+    threads = torch.get_num_threads()
+    try:
+        code = bench.main(["--quick", "--out", str(out), "--markdown", str(md), "--figures", str(figures)])
+    finally:
+        torch.set_num_threads(threads)  # the bench configures this process; leave it as it was
+    assert code == 0
+    return json.loads(out.read_text()), out, md, figures
+
+
+def _positive_stats(s):
+    return s["n"] >= 1 and s["median"] > 0 and s["q1"] <= s["median"] <= s["q3"]
+
+
+def test_quick_json_has_every_section(quick):
+    result = quick[0]
+    assert result["format"] == bench.FORMAT and result["quick"] is True
+    for key in ("experts", "distill", "memory", "eval", "threads", "precision", "gpu", "changes", "machine"):
+        assert key in result, key
+    m = result["machine"]
+    assert m["cpu_cores"] >= 1 and m["cpu_model"]
+    assert result["settings"]["threads"] >= 1
+
+
+def test_distill_rows_cover_methods_and_modes_with_positive_numbers(quick):
+    rows = quick[0]["distill"]["rows"]
+    assert {(r["method"], r["mode"]) for r in rows} == {(m, g) for m in bench.METHODS for g in bench.MODES}
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["completed"] and _positive_stats(r["iteration_seconds"]) and _positive_stats(r["match_seconds"])
+        assert r["match_cpu_seconds"]["median"] > 0 and r["peak_mb"] > 0
+        assert r["config"]["sampling"] == ("integer" if r["method"] == "mtt" else "continuous")
+        assert r["config"]["record"] == ("full" if r["method"] == "mtt" else "convex")
+    target = quick[0]["distill"]["target"]
+    assert target["target_s"] == bench.TARGET_MTT_UNROLLED_SECONDS and target["comparable"] is False
+
+
+def test_memory_rows_and_checks(quick):
+    mem = quick[0]["memory"]
+    assert mem["syn_steps"] == list(bench.QUICK.memory_steps)
+    assert len(mem["rows"]) == len(bench.MODES) * len(mem["syn_steps"])
+    assert all(r["peak_mb"] > 0 for r in mem["rows"])
+    checks = mem["checks"]
+    assert set(bench.MODES) <= set(checks) and checks["checkpointed"]["num_params"] > 0
+
+
+def test_eval_ensemble_and_sequential_agree(quick):
+    ev = quick[0]["eval"]
+    variants = ev["variants"]
+    assert set(variants) == {"ensemble", "sequential", "ensemble_vmap"}
+    for v in variants.values():
+        assert _positive_stats(v["seconds"]) and len(v["accuracies"]) == ev["num_eval"]
+        assert all(0.0 <= a <= 1.0 for a in v["accuracies"])
+    # The CPU ensemble (one graph, networks in a loop) computes exactly what separate runs compute.
+    assert variants["ensemble"]["max_param_diff_vs_sequential"] <= 1e-6
+    assert variants["ensemble_vmap"]["max_param_diff_vs_sequential"] <= 1e-3
+    assert variants["ensemble"]["speedup_vs_sequential"] > 0
+
+
+def test_experts_bytes_per_record_kind(quick):
+    x = quick[0]["experts"]
+    b = x["bytes_per_expert"]
+    assert set(b) == {"full", "convex_k4", "convex_k2", "convex_k2_seed"}
+    assert 0 < b["convex_k2_seed"] < b["convex_k2"] < b["full"]
+    assert x["experts_per_minute"] > 0
+
+
+def test_gpu_rows_say_when_nothing_was_measured(quick):
+    gpu = quick[0]["gpu"]
+    assert len(gpu["rows"]) == 2 * 3 * len(bench.MODES)  # mtt/mct x IPC 1/10/50 x modes
+    if not torch.cuda.is_available():
+        assert gpu["status"] == "no CUDA device"
+        assert all(r["status"] == "no CUDA device" for r in gpu["rows"])
+    else:
+        assert all("match_seconds" in r or "error" in r for r in gpu["rows"])
+
+
+def test_precision_rows(quick):
+    rows = {(r["precision"], r["channels_last"]): r for r in quick[0]["precision"]["rows"]}
+    same = rows[("fp32", True)]  # channels-last is a memory layout: the same numbers up to rounding
+    assert same["loss_rel_diff"] < 1e-5 and same["image_grad_cosine"] > 0.9999
+    bf16 = rows[("bf16", False)]
+    assert bf16["loss_rel_diff"] >= 0 and -1 <= bf16["image_grad_cosine"] <= 1
+
+
+def test_threads_and_changes(quick):
+    result = quick[0]
+    labels = [r["label"] for r in result["threads"]["rows"]]
+    assert labels == ["1 thread", "1 thread, allocator untuned"]
+    changes = {c["change"] for c in result["changes"]}
+    assert any(c.startswith("allocator tuning") for c in changes)
+    assert any(c.startswith("CPU ensemble as a loop") for c in changes)
+    assert all(c["before"] > 0 and c["after"] > 0 for c in result["changes"])
+
+
+def test_table_markdown_figures_and_replot(quick, tmp_path, capsys):
+    result, out, md, figures = quick
+    text = md.read_text()
+    assert "| method | gradient mode |" in text
+    assert "no CUDA device" in text or torch.cuda.is_available()
+    names = sorted(p.name for p in figures.glob("*.png"))
+    assert names == ["bench_before_after.png", "bench_memory_vs_syn_steps.png", "bench_seconds_per_iteration.png",
+                     "bench_threads.png"]
+    assert bench.main(["--replot", str(out), "--figures", str(tmp_path)]) == 0
+    assert "Distillation, digits bench config" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("*.png"))) == 4
+
+
+# --- helpers (fast) ------------------------------------------------------------------------------
+
+def test_stats_median_quartiles():
+    s = bench.stats([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (s["n"], s["median"], s["q1"], s["q3"], s["iqr"], s["min"], s["max"]) == (5, 3.0, 2.0, 4.0, 2.0, 1.0, 5.0)
+    assert bench.stats([2.0])["iqr"] == 0.0 and bench.stats([]) == {"n": 0}
+
+
+def test_memory_checks_flag_flat_and_growing():
+    rows = [{"mode": m, "syn_steps": n, "peak_mb": p} for m, n, p in [
+        ("constant_memory", 10, 100.0), ("constant_memory", 80, 105.0),
+        ("unrolled", 10, 500.0), ("unrolled", 80, 4000.0),
+        ("checkpointed", 10, 120.0), ("checkpointed", 80, 150.0)]]
+    checks = bench.memory_checks(rows, (10, 80), {"full": "/nonexistent"})
+    assert checks["constant_memory"]["flat"] and checks["unrolled"]["grows"]
+    assert checks["unrolled"]["ratio"] == pytest.approx(8.0)
+
+
+def test_unknown_section_and_bad_iterations_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--sections", "distill,warp"])
+    assert "warp" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--iterations", "0"])
+
+
+def test_cli_dispatches_to_bench(tmp_path):
+    from mctlib.cli import main as cli_main
+
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"format": bench.FORMAT, "changes": []}))
+    assert cli_main(["bench", "--", "--replot", str(path)]) == 0
+
+
+def test_configure_threads_sets_and_validates():
+    before = torch.get_num_threads()
+    try:
+        info = configure_threads(1, tune_allocator=False)
+        assert info["threads"] == 1 == torch.get_num_threads() and info["allocator_tuned"] is False
+        assert configure_threads(None)["threads"] >= 1
+        with pytest.raises(ValueError, match="threads"):
+            configure_threads(0)
+    finally:
+        torch.set_num_threads(before)
