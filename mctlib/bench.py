@@ -186,7 +186,8 @@ def _child(spec: dict) -> dict:
     settings = configure_threads(spec.get("threads"), tune_allocator=spec.get("tune_allocator", True))
     device = resolve_device(spec.get("device", "cpu"))
     kind = spec["kind"]
-    out = {"settings": settings, "device": str(device)}
+    out = {"settings": settings, "device": str(device),
+           "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     if kind == "distill":
         out.update(_child_distill(spec, device))
     elif kind == "match":
