@@ -172,12 +172,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    if args.command == "bench":
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark has its own parser: hand it everything after the command
         from .bench import main as bench_main
 
-        return bench_main(args.bench_args)
+        return bench_main(argv[1:])
+    parser = make_parser()
+    args = parser.parse_args(argv)
     if args.command == "presets":
         for name, p in sorted(presets().items()):
             d = p.distill

@@ -107,3 +107,11 @@ def test_config_file_and_flags_layer_over_presets(tmp_path):
     assert configs["distill"].ipc == 5                # the flag wins
     assert configs["distill"].max_start_epoch == 20   # from the preset
     assert configs["data"].zca is True
+
+
+def test_bench_receives_its_own_flags(capsys):
+    """`mctlib bench --help` reaches the benchmark's parser (not the top-level one)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    assert "--quick" in capsys.readouterr().out
