@@ -1,3 +1,9 @@
 """mctlib: Matching Convexified Trajectory dataset distillation (Zhong et al., CVPR 2025)."""
 
 __version__ = "0.1.0"
+
+# Machines with at most this many cores are "small": torch's busy-waiting OpenMP threads collapse
+# there as soon as another process shares the cores (book/performance.md, "Threads"). Read by
+# `device.configure_threads` and by the command line before torch loads (so it lives here, free
+# of imports).
+SMALL_MACHINE_CORES = 2

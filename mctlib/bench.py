@@ -10,7 +10,9 @@ Sections (`--sections`, all by default):
   5 experts x 15 epochs). Each configuration runs `distill()` in a fresh process.
 - memory: peak memory against syn_steps (10, 20, 40, 80) for the three gradient modes.
 - eval: num_eval = 5 fresh networks trained on one synthetic set together (`train_networks` with
-  M = 5) against one after another (M = 1), and the vmap ensemble the library used before.
+  M = 5) against one after another (M = 1), the forms the library used before (vmap; torch's
+  pooling), and the compute floor: the FLOPs at the measured matmul rate.
+- pool: one MTT-unrolled match with `networks.AvgPool2x2` against torch's `F.avg_pool2d`.
 - threads: one MTT-unrolled iteration with 1 or 2 torch threads, OpenMP busy-waiting or passive,
   and with or without the allocator tuning of `device.configure_threads`.
 - precision: bf16 autocast and channels-last against fp32 (loss and image gradient).
@@ -28,6 +30,7 @@ target lives in a unit test: tests/test_bench.py only runs `--quick` and checks 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -520,8 +523,15 @@ def section_eval(sizes: Sizes, log) -> dict:
         return torch.cat([train_networks(model, params[i:i + 1], images, labels, recipe, [seeds[i]], augment)
                           for i in range(m)])
 
+    def with_torch_pool(fn):
+        def run():
+            with _torch_avg_pool():
+                return fn()
+        return run
+
     variants = {"ensemble": together(training.VMAP_DEVICES), "sequential": sequential,
-                "ensemble_vmap": together(("cpu", "cuda"))}
+                "ensemble_vmap": with_torch_pool(together(("cpu", "cuda"))),
+                "ensemble_torch_pool": with_torch_pool(together(training.VMAP_DEVICES))}
     times = {k: {"wall": [], "cpu": []} for k in variants}
     finals = {}
     for rep in range(sizes.eval_repeats):
@@ -537,12 +547,94 @@ def section_eval(sizes: Sizes, log) -> dict:
            "variants": {k: {"seconds": stats(v["wall"]), "cpu_seconds": stats(v["cpu"]), "accuracies": acc[k],
                             "mean_accuracy": sum(acc[k]) / len(acc[k])} for k, v in times.items()}}
     seq = out["variants"]["sequential"]["seconds"]["median"]
-    for k in ("ensemble", "ensemble_vmap"):
+    out["compute_floor"] = _compute_floor(model, params, images, labels, recipe, seeds, augment, seq)
+    log(f"eval compute floor: {out['compute_floor']['floor_seconds']:.2f} s at "
+        f"{out['compute_floor']['matmul_gflops']:.0f} GFLOP/s; batching can gain at most "
+        f"{out['compute_floor']['max_speedup_vs_sequential']:.2f}x")
+    for k in ("ensemble", "ensemble_vmap", "ensemble_torch_pool"):
         out["variants"][k]["speedup_vs_sequential"] = seq / out["variants"][k]["seconds"]["median"]
         out["variants"][k]["max_param_diff_vs_sequential"] = float((finals[k] - finals["sequential"]).abs().max())
     out["target"] = {"speedup": out["variants"]["ensemble"]["speedup_vs_sequential"], "target": 3.0,
                      "met": out["variants"]["ensemble"]["speedup_vs_sequential"] >= 3.0}
     return out
+
+
+def _compute_floor(model, params, images, labels, recipe, seeds, augment, sequential_seconds: float) -> dict:
+    """The least time any form of training the M networks could take on this CPU: their convolution
+    and matmul FLOPs (counted on one training step, x steps x M) at the dense matmul rate measured
+    now, on the same threads. Training them together changes how the work is scheduled, not how
+    much there is, so sequential time / floor bounds the speed-up any batched form can reach."""
+    import dataclasses
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .training import train_networks
+
+    one_step = dataclasses.replace(recipe, epochs=1)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_networks(model, params[:1], images, labels, one_step, seeds[:1], augment)
+    steps_per_epoch = -(-images.shape[0] // recipe.batch_size)
+    flops = int(counter.get_total_flops()) * steps_per_epoch * recipe.epochs * params.shape[0]
+    rate = matmul_rate("cpu", n=2048, repeats=5)["fp32"] * 1e12
+    floor = flops / rate
+    return {"flops": flops, "flops_per_network_step": flops // (steps_per_epoch * recipe.epochs * params.shape[0]),
+            "matmul_gflops": rate / 1e9, "floor_seconds": floor,
+            "max_speedup_vs_sequential": sequential_seconds / floor}
+
+
+@contextlib.contextmanager
+def _torch_avg_pool():
+    """The library before `networks.AvgPool2x2`: torch's `F.avg_pool2d` on every device (the
+    "before" rows of that change)."""
+    from .networks import AvgPool2x2
+
+    before = AvgPool2x2.forward
+    AvgPool2x2.forward = lambda self, x: torch.nn.functional.avg_pool2d(x, 2, 2)
+    try:
+        yield
+    finally:
+        AvgPool2x2.forward = before
+
+
+def section_pool(sizes: Sizes, log) -> dict:
+    """One MTT-unrolled match with `networks.AvgPool2x2` against torch's `F.avg_pool2d`,
+    interleaved: time and how far the loss and the image gradient move (rounding only)."""
+    from .augment import make_augment
+    from .matching import Student, match, plan_student
+    from .networks import FlatModel, build_network
+
+    net = _digits_net(sizes)
+    model = FlatModel(build_network(net, seed=0))
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(100, net.channels, net.image_size, net.image_size, generator=gen)
+    labels = torch.arange(10).repeat_interleave(10)
+    theta_start = model.flatten()
+    theta_target = theta_start + 0.01 * torch.randn(theta_start.shape, generator=gen)
+    plan = plan_student(100, sizes.syn_steps, None, gen)
+    student = Student(model, make_augment(True))
+
+    def run():
+        x = images.clone().requires_grad_(True)
+        w, c = time.perf_counter(), _cpu_seconds()
+        r = match(student, x, labels, torch.tensor(0.01, requires_grad=True), theta_start, theta_target, plan,
+                  "unrolled")
+        return r.loss, x.grad, time.perf_counter() - w, _cpu_seconds() - c
+
+    times = {"torch_avg_pool2d": {"wall": [], "cpu": []}, "AvgPool2x2": {"wall": [], "cpu": []}}
+    run()  # warm-up
+    for rep in range(sizes.eval_repeats + 2):
+        with _torch_avg_pool():
+            before = run()
+        after = run()
+        for name, r in (("torch_avg_pool2d", before), ("AvgPool2x2", after)):
+            times[name]["wall"].append(r[2])
+            times[name]["cpu"].append(r[3])
+        log(f"pool repeat {rep + 1}: torch {before[2]:.2f} s, AvgPool2x2 {after[2]:.2f} s")
+    return {"syn_steps": sizes.syn_steps,
+            "variants": {k: {"seconds": stats(v["wall"]), "cpu_seconds": stats(v["cpu"])} for k, v in times.items()},
+            "loss_rel_diff": abs(after[0] - before[0]) / abs(before[0]),
+            "image_grad_rel_err": float((after[1] - before[1]).norm() / before[1].norm())}
 
 
 def section_threads(sizes: Sizes, stores: dict, log) -> dict:
@@ -703,12 +795,27 @@ def changes(result: dict) -> list[dict]:
                     "before": b["match_seconds"]["median"], "after": a["match_seconds"]["median"],
                     "before_cpu": b["match_cpu_seconds"]["median"], "after_cpu": a["match_cpu_seconds"]["median"]})
     ev = result.get("eval", {}).get("variants")
-    if ev:
+    if ev:  # each change against the library just before it: vmap -> loop (torch pooling) -> AvgPool2x2
+        loop = ev.get("ensemble_torch_pool", ev["ensemble"])
         out.append({"change": "CPU ensemble as a loop, not vmap (training.VMAP_DEVICES)",
                     "figure": f"{result['eval']['num_eval']} eval networks x {result['eval']['epochs']} epochs, s",
-                    "before": ev["ensemble_vmap"]["seconds"]["median"], "after": ev["ensemble"]["seconds"]["median"],
+                    "before": ev["ensemble_vmap"]["seconds"]["median"], "after": loop["seconds"]["median"],
                     "before_cpu": ev["ensemble_vmap"]["cpu_seconds"]["median"],
+                    "after_cpu": loop["cpu_seconds"]["median"]})
+    if ev and "ensemble_torch_pool" in ev:
+        out.append({"change": "2x2 average pooling as a matmul on CPU (networks.AvgPool2x2)",
+                    "figure": f"{result['eval']['num_eval']} eval networks x {result['eval']['epochs']} epochs, s",
+                    "before": ev["ensemble_torch_pool"]["seconds"]["median"],
+                    "after": ev["ensemble"]["seconds"]["median"],
+                    "before_cpu": ev["ensemble_torch_pool"]["cpu_seconds"]["median"],
                     "after_cpu": ev["ensemble"]["cpu_seconds"]["median"]})
+    pool = result.get("pool", {}).get("variants")
+    if pool:
+        b, a = pool["torch_avg_pool2d"], pool["AvgPool2x2"]
+        out.append({"change": "2x2 average pooling as a matmul on CPU (networks.AvgPool2x2)",
+                    "figure": "one MTT-unrolled match, s", "before": b["seconds"]["median"],
+                    "after": a["seconds"]["median"], "before_cpu": b["cpu_seconds"]["median"],
+                    "after_cpu": a["cpu_seconds"]["median"]})
     ex = result.get("experts", {}).get("runs", {})
     if "vmap" in ex and "loop" in ex:
         out.append({"change": "CPU ensemble as a loop, not vmap (training.VMAP_DEVICES)",
@@ -771,6 +878,18 @@ def format_table(result: dict, markdown: bool = False) -> str:
               [[k, med(v["seconds"]), med(v["cpu_seconds"]),
                 f"{v['speedup_vs_sequential']:.2f}x" if "speedup_vs_sequential" in v else "1x",
                 f"{100 * v['mean_accuracy']:.1f}%"] for k, v in e["variants"].items()])
+        f = e.get("compute_floor")
+        if f:
+            lines.append(f"Compute floor: {f['flops'] / 1e9:.0f} GFLOP of convolutions and matmuls at the measured "
+                         f"{f['matmul_gflops']:.0f} GFLOP/s = {f['floor_seconds']:.2f} s; no batched form can be more "
+                         f"than {f['max_speedup_vs_sequential']:.2f}x faster than sequential here")
+            lines.append("")
+    pl = result.get("pool")
+    if pl:
+        lines.append(f"Pooling, one MTT-unrolled match ({pl['syn_steps']} steps), seconds; loss moves by "
+                     f"{pl['loss_rel_diff']:.1e}, image gradient by {pl['image_grad_rel_err']:.1e} (relative)")
+        table(["pooling", "s (wall)", "CPU s"],
+              [[k, med(v["seconds"]), med(v["cpu_seconds"])] for k, v in pl["variants"].items()])
     x = result.get("experts")
     if x:
         lines.append(f"Experts: {x['experts_per_minute']:.2f} experts per minute "
@@ -822,7 +941,7 @@ def write_figures(result: dict, folder: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
-SECTIONS = ("experts", "distill", "memory", "eval", "threads", "precision", "gpu")
+SECTIONS = ("experts", "distill", "memory", "eval", "pool", "threads", "precision", "gpu")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -891,6 +1010,8 @@ def main(argv: list[str] | None = None) -> int:
             result["memory"] = section_memory(sizes, stores, args.threads, log)
         if "eval" in sections:
             result["eval"] = section_eval(sizes, log)
+        if "pool" in sections:
+            result["pool"] = section_pool(sizes, log)
         if "threads" in sections:
             result["threads"] = section_threads(sizes, stores, log)
         if "precision" in sections:

@@ -179,14 +179,31 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.command != "presets":
+        from .device import configure_threads
+
+        configure_threads()
     if args.command == "presets":
         for name, p in sorted(presets().items()):
             d = p.distill
             print(f"{name:24s} ipc {d.ipc:3d} syn_steps {d.syn_steps:3d} expert_epochs {d.expert_epochs:g} "
                   f"max_start {d.max_start_epoch:g} lr_img {d.lr_img:g} lr_lr {d.lr_lr:g}  {p.note}")
         return 0
-    return {"experts": _experts, "convexify": _convexify, "distill": _distill, "evaluate": _evaluate}[args.command](
-        args, parser)
+    command = {"experts": _experts, "convexify": _convexify, "distill": _distill, "evaluate": _evaluate}[args.command]
+    try:
+        return command(args, parser)
+    except _user_errors() as err:  # a problem with the user's files or data: its message says what to do
+        print(f"mctlib {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The library's own errors, each raised with a message that names the fix."""
+    from .data import DatasetError
+    from .distill import CheckpointError, DivergenceError
+    from .storage import StoreError
+
+    return StoreError, DatasetError, CheckpointError, DivergenceError
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

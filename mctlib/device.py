@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from . import SMALL_MACHINE_CORES
+
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """`None` or "auto" picks CUDA when present, else CPU; anything else is taken as given."""
@@ -25,12 +27,13 @@ def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
     return g
 
 
-# On a small machine (<= this many cores) torch runs on one thread by default. Measured by
-# `python -m mctlib bench` (book/performance.md), MTT unrolled on 2 cores: two threads are 1.7x
-# faster than one while nothing else runs, but many times slower as soon as other processes share
-# the cores (OpenMP's threads busy-wait for each other); one thread loses little either way.
+# On a small machine (<= this many cores) torch runs on one thread unless OpenMP's threads sleep
+# while they wait (OMP_WAIT_POLICY=PASSIVE, which `python -m mctlib` sets there). Measured by
+# `python -m mctlib bench` (book/performance.md), MTT unrolled on 2 cores: two busy-waiting threads
+# are 1.7x faster than one while nothing else runs, but many times slower as soon as other
+# processes share the cores; one thread loses little either way, two passive ones nothing.
 # The thread count also changes results in the last bits, so it must not follow the load.
-SINGLE_THREAD_MAX_CORES = 2
+SINGLE_THREAD_MAX_CORES = SMALL_MACHINE_CORES
 
 
 def configure_threads(threads: int | None = None, tune_allocator: bool = True) -> dict:
@@ -38,8 +41,8 @@ def configure_threads(threads: int | None = None, tune_allocator: bool = True) -
 
     threads: torch intra-op threads. None takes $MCTLIB_THREADS; else, on machines with at most
     `SINGLE_THREAD_MAX_CORES` cores, 1 unless OMP_WAIT_POLICY=PASSIVE was in the environment when
-    Python started (then sharing the cores costs little and all of them are used); else torch's
-    default (all cores). tune_allocator: on Linux/glibc, keep freed memory in the process instead
+    torch loaded (then sharing the cores costs little and all of them are used; the command line
+    sets it there); else torch's default (all cores). tune_allocator: on Linux/glibc, keep freed memory in the process instead
     of handing large blocks back to the kernel after every tensor (the unrolled student allocates
     and frees over 1 GB per iteration; refaulting it costs ~5% of an iteration). Returns what was
     set. Changes no result beyond the last bits that any thread count does.

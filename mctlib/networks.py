@@ -117,6 +117,33 @@ def _activation(kind: str) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # ConvNet (the papers' default) and ConvNetD4
 
+class AvgPool2x2(nn.Module):
+    """2×2 average pooling with stride 2, the ConvNet's pooling (``nn.AvgPool2d(2, 2)``).
+
+    On a CPU, for even sizes, it is computed as (row 2i + row 2i+1), then a matmul with a constant
+    (W, W/2) matrix of 0.25s that averages column pairs. Both steps are plain differentiable ops,
+    so its backward is a matmul and a contiguous copy and its double backward (the matching
+    loss differentiates through the student's gradients) is as cheap. Measured on the bench CPU,
+    one thread, batch 100 × 64 channels, forward + backward: 3.1 against 6.7 ms at 16×16 and 0.8
+    against 1.7 ms at 8×8 (torch's NCHW kernel and its backward interleave memory badly). It
+    differs from `F.avg_pool2d` only in rounding (one summation order: ≤ 1 ulp here). Elsewhere
+    (odd sizes, CUDA, where a second kernel launch would cost more than it saves) it is
+    `F.avg_pool2d`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if x.device.type != "cpu" or h % 2 or w % 2 or x.dim() != 4:
+            return F.avg_pool2d(x, 2, 2)
+        n, c = x.shape[:2]
+        top, bottom = x.reshape(n, c, h // 2, 2, w).unbind(3)
+        pairs = torch.zeros(w, w // 2, dtype=x.dtype, device=x.device)
+        cols = torch.arange(w // 2, device=x.device)
+        pairs[2 * cols, cols] = 0.25
+        pairs[2 * cols + 1, cols] = 0.25
+        return (top + bottom) @ pairs
+
+
 def _convnet_first_size(cfg: NetConfig) -> int:
     """Spatial size after the first 3×3 convolution."""
     return cfg.image_size + 2 * _mnist_padding(cfg, 1, 2) - 2
@@ -136,7 +163,7 @@ class ConvNet(nn.Module):
                 layers.append(norm)
             layers.append(_activation(cfg.activation))
             if cfg.pooling != "none":
-                layers.append(nn.AvgPool2d(2, 2) if cfg.pooling == "avgpool" else nn.MaxPool2d(2, 2))
+                layers.append(AvgPool2x2() if cfg.pooling == "avgpool" else nn.MaxPool2d(2, 2))
                 size //= 2
             in_ch = cfg.width
         self.features = nn.Sequential(*layers)

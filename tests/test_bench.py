@@ -67,7 +67,7 @@ def test_memory_rows_and_checks(quick):
 def test_eval_ensemble_and_sequential_agree(quick):
     ev = quick[0]["eval"]
     variants = ev["variants"]
-    assert set(variants) == {"ensemble", "sequential", "ensemble_vmap"}
+    assert set(variants) == {"ensemble", "sequential", "ensemble_vmap", "ensemble_torch_pool"}
     for v in variants.values():
         assert _positive_stats(v["seconds"]) and len(v["accuracies"]) == ev["num_eval"]
         assert all(0.0 <= a <= 1.0 for a in v["accuracies"])
@@ -75,6 +75,32 @@ def test_eval_ensemble_and_sequential_agree(quick):
     assert variants["ensemble"]["max_param_diff_vs_sequential"] <= 1e-6
     assert variants["ensemble_vmap"]["max_param_diff_vs_sequential"] <= 1e-3
     assert variants["ensemble"]["speedup_vs_sequential"] > 0
+    # torch's pooling differs from AvgPool2x2 in rounding only
+    assert variants["ensemble_torch_pool"]["max_param_diff_vs_sequential"] <= 1e-3
+    floor = ev["compute_floor"]
+    assert floor["flops"] == floor["flops_per_network_step"] * ev["num_eval"] * ev["epochs"]  # one batch per epoch
+    assert floor["floor_seconds"] > 0 and floor["max_speedup_vs_sequential"] > 0
+
+
+def test_compute_floor_counts_the_convnet_flops_by_hand():
+    """The FLOP count behind the floor, against the ConvNet's convolutions and linear layer by hand."""
+    from mctlib.data import load_dataset, real_images_per_class
+    from mctlib.networks import FlatModel, NetConfig, build_network
+    from mctlib.training import SGDRecipe
+
+    net = NetConfig(channels=1, image_size=8, width=4, depth=2)
+    model = FlatModel(build_network(net, seed=0))
+    ds = load_dataset("digits", image_size=8)
+    images, labels = real_images_per_class(ds.train_images, ds.train_labels, 10, 2, torch.Generator().manual_seed(0))
+    n = images.shape[0]
+    conv1, conv2 = n * 8 * 8 * 4 * 1 * 9 * 2, n * 4 * 4 * 4 * 4 * 9 * 2  # output pixels x out x in x 3x3 x 2
+    pool1, pool2 = n * 4 * 4 * 8 * 4 * 2, n * 4 * 2 * 4 * 2 * 2  # the pooling matmuls: rows x W x W/2 x 2
+    linear = n * 16 * 10 * 2
+    # backward: weight gradients of every layer, input gradients of all but the first convolution
+    expected = (conv1 + conv2 + pool1 + pool2 + linear) + (conv1 + conv2 + linear) + (conv2 + pool1 + pool2 + linear)
+    f = bench._compute_floor(model, model.flatten()[None], images, labels, SGDRecipe(lr=0.01, epochs=3), [0],
+                             None, sequential_seconds=1.0)
+    assert f["flops_per_network_step"] == expected
 
 
 def test_experts_bytes_per_record_kind(quick):

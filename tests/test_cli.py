@@ -115,3 +115,42 @@ def test_bench_receives_its_own_flags(capsys):
         main(["bench", "--help"])
     assert exit_.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_work_commands_configure_threads_first(monkeypatch, tmp_path):
+    import mctlib.device
+
+    calls = []
+    monkeypatch.setattr(mctlib.device, "configure_threads", lambda *a, **k: calls.append(a) or {})
+    assert main(["convexify", "--store", str(tmp_path / "missing"), "--out", str(tmp_path / "k")]) == 1
+    assert calls == [()]
+    main(["presets"])  # listing presets does no work and leaves torch alone
+    assert calls == [()]
+
+
+@pytest.mark.parametrize("cores, given, expected", [(2, None, "PASSIVE"), (1, None, "PASSIVE"),
+                                                    (16, None, None), (2, "ACTIVE", "ACTIVE")])
+def test_command_line_lets_openmp_sleep_on_small_machines(cores, given, expected):
+    """`python -m mctlib` sets OMP_WAIT_POLICY=PASSIVE before torch loads on <= 2 cores, never over the user's."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, runpy, sys\n"
+            f"os.cpu_count = lambda: {cores}\n"
+            "sys.argv = ['mctlib', 'presets']\n"
+            "try:\n    runpy.run_module('mctlib', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('POLICY', os.environ.get('OMP_WAIT_POLICY'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert f"POLICY {expected}" in out.splitlines()
+
+
+def test_library_errors_become_one_line_messages(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    assert main(["convexify", "--store", str(missing), "--out", str(tmp_path / "k")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mctlib convexify: error: ") and "not a trajectory store" in err
+    assert "Traceback" not in err and not (tmp_path / "k").exists()

@@ -241,3 +241,47 @@ def test_config_dict_round_trip():
         NetConfig.from_dict({**d, "net_width": 3})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.width = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# AvgPool2x2: the ConvNet's pooling, a matmul form on CPU; checked against torch's own kernel
+
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 5, 16, 6), (1, 1, 2, 2)])
+def test_avgpool2x2_matches_torch_forward_and_backward(shape):
+    from mctlib.networks import AvgPool2x2
+
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    ours, ref = AvgPool2x2()(x), torch.nn.functional.avg_pool2d(x, 2, 2)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(ours, x, g)
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+    # the matching loss differentiates through student gradients: first and second order by finite differences
+    assert torch.autograd.gradcheck(AvgPool2x2(), (x,))
+    assert torch.autograd.gradgradcheck(AvgPool2x2(), (x,))
+
+
+def test_avgpool2x2_hand_computed_and_odd_sizes():
+    from mctlib.networks import AvgPool2x2
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    expected = torch.tensor([[[[(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4],
+                               [(8 + 9 + 12 + 13) / 4, (10 + 11 + 14 + 15) / 4]]]])
+    assert torch.equal(AvgPool2x2()(x), expected)
+    odd = torch.randn(2, 3, 7, 5)  # odd sizes drop the last row/column, as nn.AvgPool2d(2, 2) does
+    torch.testing.assert_close(AvgPool2x2()(odd), torch.nn.functional.avg_pool2d(odd, 2, 2))
+
+
+def test_avgpool2x2_under_torch_func_transforms():
+    from torch.func import jacrev, jvp, vmap
+
+    from mctlib.networks import AvgPool2x2
+
+    pool, ref = AvgPool2x2(), lambda t: torch.nn.functional.avg_pool2d(t, 2, 2)
+    x, v = torch.randn(4, 2, 3, 6, 6, dtype=torch.float64), torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(vmap(pool)(x), torch.stack([ref(t) for t in x]))
+    _, tangent = jvp(pool, (x[0],), (v,))
+    torch.testing.assert_close(tangent, ref(v))  # linear: the jvp is the pooled direction
+    torch.testing.assert_close(jacrev(pool)(x[0][:1]), jacrev(ref)(x[0][:1]))
