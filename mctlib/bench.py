@@ -163,11 +163,7 @@ def _cpu_seconds() -> float:
 
 def run_child(spec: dict, timeout: float = 3600.0) -> dict:
     """Run `spec` in a fresh `python -m mctlib.bench --child` process and return its result dict."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    for key, value in (spec.get("env") or {}).items():
-        env[key] = str(value)
+    env = _child_env(spec)
     cmd = [sys.executable, "-m", "mctlib.bench", "--child", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -177,6 +173,20 @@ def run_child(spec: dict, timeout: float = 3600.0) -> dict:
         if line.startswith(_RESULT_TAG):
             return json.loads(line[len(_RESULT_TAG):])
     return {"error": f"child exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
+
+
+def _child_env(spec: dict) -> dict:
+    """This process's environment, this checkout first on PYTHONPATH, and spec["env"] applied
+    (a value None unsets the variable: e.g. the OMP_WAIT_POLICY that `python -m mctlib` sets)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for key, value in (spec.get("env") or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    return env
 
 
 class _Budget(Exception):
@@ -652,7 +662,7 @@ def section_threads(sizes: Sizes, stores: dict, log) -> dict:
             spec = {"kind": "distill", "method": "mtt", "mode": "unrolled", "syn_steps": sizes.syn_steps,
                     "iterations": sizes.thread_iterations, "warmup": 1, "store": stores["full"], "threads": threads,
                     "tune_allocator": tuned, "device": "cpu", "budget_s": sizes.thread_budget_s,
-                    "min_iterations": 3, "env": {"OMP_WAIT_POLICY": policy} if policy else {}}
+                    "min_iterations": 3, "env": {"OMP_WAIT_POLICY": policy}}
             busy = _start_contenders(contenders)
             try:
                 res = run_child(spec)

@@ -196,3 +196,10 @@ def test_configure_threads_sets_and_validates():
             configure_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_child_env_sets_and_unsets(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert "OMP_WAIT_POLICY" not in bench._child_env({"env": {"OMP_WAIT_POLICY": None}})
+    assert bench._child_env({"env": {"OMP_WAIT_POLICY": "ACTIVE"}})["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert bench._child_env({})["OMP_WAIT_POLICY"] == "PASSIVE"  # inherited when the spec says nothing
