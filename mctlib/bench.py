@@ -13,6 +13,9 @@ Sections (`--sections`, all by default):
   M = 5) against one after another (M = 1), the forms the library used before (vmap; torch's
   pooling), and the compute floor: the FLOPs at the measured matmul rate.
 - pool: one MTT-unrolled match with `networks.AvgPool2x2` against torch's `F.avg_pool2d`.
+- reference: the original MTT iteration, reimplemented in `mctlib.reference`, against the
+  engine's unrolled match, same shapes, same run (CPU: digits bench config; CUDA: CIFAR-10 IPC 1
+  and 50), each in a fresh process.
 - threads: one MTT-unrolled iteration with 1 or 2 torch threads, OpenMP busy-waiting or passive,
   and with or without the allocator tuning of `device.configure_threads`.
 - precision: bf16 autocast and channels-last against fp32 (loss and image gradient).
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -77,13 +81,14 @@ class Sizes:
     experts_vmap: bool = True
     thread_settings: int = 4          # how many of section_threads' settings to run (quick: the 1-thread ones)
     thread_contention: bool = True    # also time each thread setting with busy processes on every core
+    reference_iterations: int = 8     # timed iterations per row of the reference section
 
 
 FULL = Sizes()
 QUICK = Sizes(num_experts=2, expert_epochs_trained=3, width=16, syn_steps=2, iterations=2, warmup=1,
               memory_steps=(1, 2), memory_iterations=1, eval_nets=2, eval_epochs=2, eval_repeats=1,
               thread_iterations=1, thread_budget_s=60.0, gpu_iterations=2, experts_vmap=False,
-              thread_settings=2, thread_contention=False)
+              thread_settings=2, thread_contention=False, reference_iterations=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +210,8 @@ def _child(spec: dict) -> dict:
         out.update(_child_distill(spec, device))
     elif kind == "match":
         out.update(_child_match(spec, device))
+    elif kind == "reference":
+        out.update(_child_reference(spec, device))
     else:
         raise ValueError(f"unknown child kind {kind!r}")
     return out
@@ -331,6 +338,45 @@ def _child_match(spec: dict, device: torch.device) -> dict:
         if wall:
             out["tflops"] = out["flops_per_iteration"] / statistics.median(wall) / 1e12
     return out
+
+
+def _child_reference(spec: dict, device: torch.device) -> dict:
+    """The original MTT iteration (`mctlib.reference`) on random inputs of the same shapes as
+    `_child_match`: a two-point trajectory (start, start + noise), images left unchanged (lr 0)
+    so every iteration times the same work."""
+    from . import reference
+    from .networks import NetConfig
+
+    net = NetConfig(**spec["net"])
+    net_args = {"channel": net.channels, "num_classes": net.num_classes, "width": net.width, "depth": net.depth,
+                "im_size": net.image_size}
+    torch.manual_seed(0)
+    template = reference.ConvNet(**net_args)
+    shapes = [p.shape for p in template.parameters()]
+    start = torch.cat([p.detach().reshape(-1) for p in template.parameters()])
+    gen = torch.Generator().manual_seed(0)
+    target = start + 0.01 * torch.randn(start.shape, generator=gen)
+    trajectory = [reference.unflatten(start, shapes), reference.unflatten(target, shapes)]
+    n = spec["ipc"] * net.num_classes
+    images = torch.randn(n, net.channels, net.image_size, net.image_size, generator=gen).to(device)
+    images.requires_grad_(True)
+    labels = torch.arange(net.num_classes).repeat_interleave(spec["ipc"]).to(device)
+    syn_lr = torch.tensor(0.01, device=device).requires_grad_(True)
+    opt_img = torch.optim.SGD([images], lr=0.0, momentum=0.5)
+    opt_lr = torch.optim.SGD([syn_lr], lr=0.0, momentum=0.5)
+    warmup, iterations = spec["warmup"], spec["iterations"]
+    wall, cpu = [], []
+    probe = _memory_probe(device)
+    for i in range(warmup + iterations):
+        _sync(device)
+        w, c = time.perf_counter(), _cpu_seconds()
+        reference.iteration(net_args, images, labels, syn_lr, trajectory, 0, 1, spec["syn_steps"],
+                            spec.get("batch_syn") or n, opt_img, opt_lr)
+        _sync(device)
+        if i >= warmup:
+            wall.append(time.perf_counter() - w)
+            cpu.append(_cpu_seconds() - c)
+    return {"match_seconds": stats(wall), "match_cpu_seconds": stats(cpu), **probe()}
 
 
 def _then(augment, after):
@@ -647,6 +693,59 @@ def section_pool(sizes: Sizes, log) -> dict:
             "image_grad_rel_err": float((after[1] - before[1]).norm() / before[1].norm())}
 
 
+def section_reference(sizes: Sizes, log) -> dict:
+    """The engine's MTT-unrolled match against the original loop (`mctlib.reference`), same shapes,
+    same run, each in a fresh process. CPU: the digits bench config under the original's process
+    settings (torch's default threads, busy-waiting, allocator untouched), under ours, and on one
+    thread. CUDA: the CIFAR-10 shapes of the published IPC 1 and IPC 50 presets."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        from .config import get_preset
+
+        net = {"arch": "convnet", "channels": 3, "num_classes": 10, "image_size": 32, "width": 128}
+        shapes = []
+        for ipc in (1, 50):
+            d = get_preset(f"mtt-cifar10-ipc{ipc}").distill
+            shapes.append((f"CIFAR-10 IPC {ipc}", ipc, d.syn_steps, d.batch_syn))
+        settings = [("GPU", None, True, None)]
+    else:
+        net = dataclasses.asdict(_digits_net(sizes))
+        shapes = [("digits bench config", 10, sizes.syn_steps, None)]
+        cores = os.cpu_count() or 1
+        # (label, threads, allocator tuned, OMP_WAIT_POLICY): None unsets an inherited policy
+        settings = [(f"torch defaults ({cores} threads, busy-waiting)", cores, None, None),
+                    ("1 thread", 1, None, None),
+                    (f"{cores} threads, OMP passive (the command line's default here)", cores, True, "PASSIVE")]
+    rows = []
+    for label, ipc, steps, batch_syn in shapes:
+        for setting, threads, tuned, policy in settings:
+            for impl in ("reference", "engine"):
+                if impl == "reference" and policy == "PASSIVE":
+                    continue  # the original never ran so
+                spec = {"kind": "reference" if impl == "reference" else "match", "device": "cuda" if cuda else "cpu",
+                        "net": net, "ipc": ipc, "syn_steps": steps, "batch_syn": batch_syn, "mode": "unrolled",
+                        "warmup": 1, "iterations": sizes.reference_iterations, "threads": threads,
+                        # the original leaves glibc's allocator alone; the engine's processes tune it
+                        "tune_allocator": impl == "engine" if tuned is None else tuned,
+                        "env": {"OMP_WAIT_POLICY": policy}}
+                res = run_child(spec)
+                rows.append({"shape": label, "ipc": ipc, "syn_steps": steps, "setting": setting, "impl": impl, **res})
+                log(f"reference {label}, {setting}, {impl}: " + (res.get("error") or
+                    f"{res['match_seconds']['median']:.3f} s/it wall, {res['match_cpu_seconds']['median']:.3f} s CPU"))
+    speedups = []
+    for label, *_ in shapes:
+        for setting, *_ in settings:
+            pair = {r["impl"]: r for r in rows if r["shape"] == label and r["setting"] == setting and "error" not in r}
+            if len(pair) == 2:
+                speedups.append({"shape": label, "setting": setting,
+                                 "reference_s": pair["reference"]["match_seconds"]["median"],
+                                 "engine_s": pair["engine"]["match_seconds"]["median"],
+                                 "speedup": pair["reference"]["match_seconds"]["median"]
+                                 / pair["engine"]["match_seconds"]["median"]})
+    return {"device": "cuda" if cuda else "cpu", "rows": rows, "speedups": speedups,
+            "targets": {"cpu_same_settings_s": TARGET_MTT_UNROLLED_SECONDS, "gpu_ipc1": 3.0, "gpu_ipc50": 2.0}}
+
+
 def section_threads(sizes: Sizes, stores: dict, log) -> dict:
     """MTT unrolled iterations under thread counts, OpenMP wait policies and the allocator tuning,
     on the machine as it is ("as found") and with `os.cpu_count()` busy processes of our own
@@ -900,6 +999,17 @@ def format_table(result: dict, markdown: bool = False) -> str:
                      f"{pl['loss_rel_diff']:.1e}, image gradient by {pl['image_grad_rel_err']:.1e} (relative)")
         table(["pooling", "s (wall)", "CPU s"],
               [[k, med(v["seconds"]), med(v["cpu_seconds"])] for k, v in pl["variants"].items()])
+    r = result.get("reference")
+    if r:
+        lines.append(f"The original MTT loop (mctlib.reference) against the engine, MTT unrolled, {r['device']}, "
+                     "seconds per iteration")
+        table(["shape", "setting", "implementation", "s/iteration (wall)", "CPU s/iteration"],
+              [[row["shape"], row["setting"], row["impl"], med(row.get("match_seconds")),
+                med(row.get("match_cpu_seconds"))] if "error" not in row
+               else [row["shape"], row["setting"], row["impl"], row["error"][:60], "-"] for row in r["rows"]])
+        table(["shape", "setting", "reference s", "engine s", "speed-up"],
+              [[x["shape"], x["setting"], f"{x['reference_s']:.3f}", f"{x['engine_s']:.3f}", f"{x['speedup']:.2f}x"]
+               for x in r["speedups"]])
     x = result.get("experts")
     if x:
         lines.append(f"Experts: {x['experts_per_minute']:.2f} experts per minute "
@@ -951,7 +1061,7 @@ def write_figures(result: dict, folder: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
-SECTIONS = ("experts", "distill", "memory", "eval", "pool", "threads", "precision", "gpu")
+SECTIONS = ("experts", "distill", "memory", "eval", "pool", "reference", "threads", "precision", "gpu")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -1022,6 +1132,8 @@ def main(argv: list[str] | None = None) -> int:
             result["eval"] = section_eval(sizes, log)
         if "pool" in sections:
             result["pool"] = section_pool(sizes, log)
+        if "reference" in sections:
+            result["reference"] = section_reference(sizes, log)
         if "threads" in sections:
             result["threads"] = section_threads(sizes, stores, log)
         if "precision" in sections:

@@ -35,7 +35,8 @@ def _positive_stats(s):
 def test_quick_json_has_every_section(quick):
     result = quick[0]
     assert result["format"] == bench.FORMAT and result["quick"] is True
-    for key in ("experts", "distill", "memory", "eval", "threads", "precision", "gpu", "changes", "machine"):
+    for key in ("experts", "distill", "memory", "eval", "pool", "reference", "threads", "precision", "gpu", "changes",
+                "machine"):
         assert key in result, key
     m = result["machine"]
     assert m["cpu_cores"] >= 1 and m["cpu_model"]
@@ -203,3 +204,21 @@ def test_child_env_sets_and_unsets(monkeypatch):
     assert "OMP_WAIT_POLICY" not in bench._child_env({"env": {"OMP_WAIT_POLICY": None}})
     assert bench._child_env({"env": {"OMP_WAIT_POLICY": "ACTIVE"}})["OMP_WAIT_POLICY"] == "ACTIVE"
     assert bench._child_env({})["OMP_WAIT_POLICY"] == "PASSIVE"  # inherited when the spec says nothing
+
+
+def test_reference_rows_pair_the_original_loop_with_the_engine(quick):
+    ref = quick[0]["reference"]
+    assert ref["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    for row in ref["rows"]:
+        assert "error" not in row, row.get("error")
+        assert row["impl"] in ("reference", "engine") and _positive_stats(row["match_seconds"])
+    # every setting the original could run under has both implementations, and a speed-up
+    assert ref["speedups"] and all(x["speedup"] > 0 for x in ref["speedups"])
+    assert {x["setting"] for x in ref["speedups"]} == {r["setting"] for r in ref["rows"] if r["impl"] == "reference"}
+
+
+def test_pool_section_times_both_poolings(quick):
+    pool = quick[0]["pool"]
+    assert set(pool["variants"]) == {"torch_avg_pool2d", "AvgPool2x2"}
+    assert all(_positive_stats(v["seconds"]) for v in pool["variants"].values())
+    assert pool["image_grad_rel_err"] < 0.1  # rounding only (amplified by the unroll)
