@@ -7,3 +7,13 @@ __version__ = "0.1.0"
 # `device.configure_threads` and by the command line before torch loads (so it lives here, free
 # of imports).
 SMALL_MACHINE_CORES = 2
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, which follows
+    `taskset` and most container limits; else `os.cpu_count()`). Free of imports beyond `os`."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1

@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from . import available_cores
+
 MODES = ("unrolled", "checkpointed", "constant_memory")
 METHODS = ("mtt", "mct")
 FORMAT = "mctlib-bench-v1"
@@ -82,13 +84,15 @@ class Sizes:
     thread_settings: int = 4          # how many of section_threads' settings to run (quick: the 1-thread ones)
     thread_contention: bool = True    # also time each thread setting with busy processes on every core
     reference_iterations: int = 8     # timed iterations per row of the reference section
+    reference_gpu_ipcs: tuple[int, ...] = (1, 50)  # CIFAR-10 IPCs of the reference section on CUDA
 
 
 FULL = Sizes()
 QUICK = Sizes(num_experts=2, expert_epochs_trained=3, width=16, syn_steps=2, iterations=2, warmup=1,
               memory_steps=(1, 2), memory_iterations=1, eval_nets=2, eval_epochs=2, eval_repeats=1,
               thread_iterations=1, thread_budget_s=60.0, gpu_iterations=2, experts_vmap=False,
-              thread_settings=2, thread_contention=False, reference_iterations=1)
+              thread_settings=2, thread_contention=False, reference_iterations=1,
+              reference_gpu_ipcs=(1,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +120,7 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu_model": model, "cpu_cores": os.cpu_count(), "versions": versions(),
+    info = {"cpu_model": model, "cpu_cores": available_cores(), "versions": versions(),
             "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     try:
         info["loadavg"] = list(os.getloadavg())
@@ -199,9 +203,14 @@ class _Budget(Exception):
 
 
 def _child(spec: dict) -> dict:
-    from .device import configure_threads, resolve_device
+    from .device import configure_threads, resolve_device, tune_glibc_allocator
 
-    settings = configure_threads(spec.get("threads"), tune_allocator=spec.get("tune_allocator", True))
+    if spec.get("threads") == "default":  # torch's own thread count, as a program that sets none gets
+        tuned = tune_glibc_allocator() if spec.get("tune_allocator", True) else False
+        settings = {"threads": torch.get_num_threads(), "cores": available_cores(), "allocator_tuned": tuned,
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    else:
+        settings = configure_threads(spec.get("threads"), tune_allocator=spec.get("tune_allocator", True))
     device = resolve_device(spec.get("device", "cpu"))
     kind = spec["kind"]
     out = {"settings": settings, "device": str(device),
@@ -617,26 +626,27 @@ def section_eval(sizes: Sizes, log) -> dict:
 
 def _compute_floor(model, params, images, labels, recipe, seeds, augment, sequential_seconds: float) -> dict:
     """The least time any form of training the M networks could take on this CPU: their convolution
-    and matmul FLOPs (counted on one training step, x steps x M) at the dense matmul rate measured
-    now, on the same threads. Training them together changes how the work is scheduled, not how
-    much there is, so sequential time / floor bounds the speed-up any batched form can reach."""
-    import dataclasses
-
+    and matmul FLOPs (counted over one epoch of one network, x epochs x M) at the dense matmul rate
+    measured now, on the same threads. Training them together changes how the work is scheduled,
+    not how much there is, so sequential time / floor bounds the speed-up any batched form can
+    reach. (The count includes `AvgPool2x2`'s matmuls, mostly multiplications by zero: 2-3% of
+    it for the digits ConvNet, so the floor is that much too high.)"""
     from torch.utils.flop_counter import FlopCounterMode
 
     from .training import train_networks
 
-    one_step = dataclasses.replace(recipe, epochs=1)
+    one_epoch = dataclasses.replace(recipe, epochs=1)
     counter = FlopCounterMode(display=False)
     with counter:
-        train_networks(model, params[:1], images, labels, one_step, seeds[:1], augment)
+        train_networks(model, params[:1], images, labels, one_epoch, seeds[:1], augment)
+    per_epoch = int(counter.get_total_flops())
     steps_per_epoch = -(-images.shape[0] // recipe.batch_size)
-    flops = int(counter.get_total_flops()) * steps_per_epoch * recipe.epochs * params.shape[0]
+    flops = per_epoch * recipe.epochs * params.shape[0]
     rate = matmul_rate("cpu", n=2048, repeats=5)["fp32"] * 1e12
     floor = flops / rate
-    return {"flops": flops, "flops_per_network_step": flops // (steps_per_epoch * recipe.epochs * params.shape[0]),
-            "matmul_gflops": rate / 1e9, "floor_seconds": floor,
-            "max_speedup_vs_sequential": sequential_seconds / floor}
+    return {"flops": flops, "flops_per_network_epoch": per_epoch, "steps_per_epoch": steps_per_epoch,
+            "flops_per_network_step": per_epoch / steps_per_epoch, "matmul_gflops": rate / 1e9,
+            "floor_seconds": floor, "max_speedup_vs_sequential": sequential_seconds / floor}
 
 
 @contextlib.contextmanager
@@ -704,16 +714,18 @@ def section_reference(sizes: Sizes, log) -> dict:
 
         net = {"arch": "convnet", "channels": 3, "num_classes": 10, "image_size": 32, "width": 128}
         shapes = []
-        for ipc in (1, 50):
+        for ipc in sizes.reference_gpu_ipcs:
             d = get_preset(f"mtt-cifar10-ipc{ipc}").distill
             shapes.append((f"CIFAR-10 IPC {ipc}", ipc, d.syn_steps, d.batch_syn))
-        settings = [("GPU", None, True, None)]
+        settings = [("GPU", None, None, None)]
     else:
         net = dataclasses.asdict(_digits_net(sizes))
         shapes = [("digits bench config", 10, sizes.syn_steps, None)]
-        cores = os.cpu_count() or 1
-        # (label, threads, allocator tuned, OMP_WAIT_POLICY): None unsets an inherited policy
-        settings = [(f"torch defaults ({cores} threads, busy-waiting)", cores, None, None),
+        cores = available_cores()
+        # (label, threads, allocator tuned, OMP_WAIT_POLICY): threads "default" leaves torch's own
+        # count; tuned None: the engine's processes tune glibc's allocator, the original's do not;
+        # policy None unsets one inherited from `python -m mctlib`.
+        settings = [("torch defaults (its thread count, busy-waiting)", "default", None, None),
                     ("1 thread", 1, None, None),
                     (f"{cores} threads, OMP passive (the command line's default here)", cores, True, "PASSIVE")]
     rows = []
@@ -748,11 +760,11 @@ def section_reference(sizes: Sizes, log) -> dict:
 
 def section_threads(sizes: Sizes, stores: dict, log) -> dict:
     """MTT unrolled iterations under thread counts, OpenMP wait policies and the allocator tuning,
-    on the machine as it is ("as found") and with `os.cpu_count()` busy processes of our own
+    on the machine as it is ("as found") and with one busy process of our own per available core
     competing for the cores ("contended": what a shared machine does to each setting)."""
     configs = [("1 thread", 1, True, None), ("1 thread, allocator untuned", 1, False, None),
                ("2 threads", 2, True, None), ("2 threads, OMP passive", 2, True, "PASSIVE")]
-    conditions = [("as found", 0)] + ([("contended", os.cpu_count() or 1)] if sizes.thread_contention else [])
+    conditions = [("as found", 0)] + ([("contended", available_cores())] if sizes.thread_contention else [])
     rows = []
     for condition, contenders in conditions:
         for label, threads, tuned, policy in configs[:sizes.thread_settings]:

@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "presets":
         from .device import configure_threads
 
-        configure_threads()
+        try:
+            configure_threads()
+        except ValueError as err:  # a bad $MCTLIB_THREADS
+            parser.error(str(err))
     if args.command == "presets":
         for name, p in sorted(presets().items()):
             d = p.distill

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import SMALL_MACHINE_CORES
+from . import SMALL_MACHINE_CORES, available_cores
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -29,10 +29,10 @@ def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
 
 # On a small machine (<= this many cores) torch runs on one thread unless OpenMP's threads sleep
 # while they wait (OMP_WAIT_POLICY=PASSIVE, which `python -m mctlib` sets there). Measured by
-# `python -m mctlib bench` (book/performance.md), MTT unrolled on 2 cores: two busy-waiting threads
-# are 1.7x faster than one while nothing else runs, but many times slower as soon as other
-# processes share the cores; one thread loses little either way, two passive ones nothing.
-# The thread count also changes results in the last bits, so it must not follow the load.
+# `python -m mctlib bench` (book/performance.md, run 3), MTT unrolled on 2 cores: two busy-waiting
+# threads are 1.9x faster than one while nothing else runs, 2.5x slower once other processes
+# share the cores; two passive threads are 26% / 18% faster than one in those two cases. The
+# thread count also changes results in the last bits, so it must not follow the load.
 SINGLE_THREAD_MAX_CORES = SMALL_MACHINE_CORES
 
 
@@ -42,28 +42,32 @@ def configure_threads(threads: int | None = None, tune_allocator: bool = True) -
     threads: torch intra-op threads. None takes $MCTLIB_THREADS; else, on machines with at most
     `SINGLE_THREAD_MAX_CORES` cores, 1 unless OMP_WAIT_POLICY=PASSIVE was in the environment when
     torch loaded (then sharing the cores costs little and all of them are used; the command line
-    sets it there); else torch's default (all cores). tune_allocator: on Linux/glibc, keep freed memory in the process instead
-    of handing large blocks back to the kernel after every tensor (the unrolled student allocates
-    and frees over 1 GB per iteration; refaulting it costs ~5% of an iteration). Returns what was
-    set. Changes no result beyond the last bits that any thread count does.
+    sets it there); else torch's default (all cores). tune_allocator: on Linux/glibc, keep freed
+    memory in the process instead of handing large blocks back to the kernel after every tensor
+    (the unrolled student allocates and frees over 1 GB per iteration; refaulting it costs 4-9% of
+    an iteration). Returns what was set. Changes no result beyond the last bits that any thread
+    count does.
     """
     import os
 
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     if threads is None and os.environ.get("MCTLIB_THREADS"):
-        threads = int(os.environ["MCTLIB_THREADS"])
+        value = os.environ["MCTLIB_THREADS"]
+        if not value.strip().isdigit():
+            raise ValueError(f"MCTLIB_THREADS={value!r} is not a positive integer; unset it or set e.g. MCTLIB_THREADS=2")
+        threads = int(value)
     if threads is None:
         passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
         threads = 1 if cores <= SINGLE_THREAD_MAX_CORES and not passive else torch.get_num_threads()
     if threads < 1:
         raise ValueError(f"threads = {threads} must be >= 1")
     torch.set_num_threads(int(threads))
-    tuned = _tune_allocator() if tune_allocator else False
+    tuned = tune_glibc_allocator() if tune_allocator else False
     return {"threads": torch.get_num_threads(), "cores": cores, "allocator_tuned": tuned,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
-def _tune_allocator() -> bool:
+def tune_glibc_allocator() -> bool:
     """glibc mallopt: no mmap per large block and no trimming, so freed tensors are reused in place."""
     if not sys.platform.startswith("linux"):
         return False

@@ -120,20 +120,25 @@ def _activation(kind: str) -> nn.Module:
 class AvgPool2x2(nn.Module):
     """2×2 average pooling with stride 2, the ConvNet's pooling (``nn.AvgPool2d(2, 2)``).
 
-    On a CPU, for even sizes, it is computed as (row 2i + row 2i+1), then a matmul with a constant
-    (W, W/2) matrix of 0.25s that averages column pairs. Both steps are plain differentiable ops,
-    so its backward is a matmul and a contiguous copy and its double backward (the matching
-    loss differentiates through the student's gradients) is as cheap. Measured on the bench CPU,
-    one thread, batch 100 × 64 channels, forward + backward: 3.1 against 6.7 ms at 16×16 and 0.8
-    against 1.7 ms at 8×8 (torch's NCHW kernel and its backward interleave memory badly). It
-    differs from `F.avg_pool2d` only in rounding (one summation order: ≤ 1 ulp here). Elsewhere
-    (odd sizes, CUDA, where a second kernel launch would cost more than it saves) it is
-    `F.avg_pool2d`.
+    On a CPU, for a contiguous float32/float64 NCHW input of even size outside autocast, it is
+    computed as (row 2i + row 2i+1), then a matmul with a constant (W, W/2) matrix of 0.25s that
+    averages column pairs. Both steps are plain differentiable ops, so its backward is a matmul and
+    a contiguous copy and its double backward (the matching loss differentiates through the
+    student's gradients) is as cheap. In a microbenchmark on the bench CPU (one thread, batch 100 ×
+    64 channels, forward + backward) it took 3.1 against 6.7 ms at 16×16 and 0.8 against 1.7 ms at
+    8×8; `python -m mctlib bench --sections eval,pool` measures what that does to training and
+    matching (book/performance.md). It differs from `F.avg_pool2d` in rounding only, except that an
+    infinite activation turns its whole output row into NaN (0 · inf) where torch keeps one
+    infinite window; training stops on non-finite values either way. Elsewhere (CUDA, where a
+    second kernel launch would cost more than it saves; odd sizes; channels-last inputs, whose
+    layout it would not keep; autocast, whose bf16 matmul would round more than torch's pooling)
+    it is `F.avg_pool2d`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        if x.device.type != "cpu" or h % 2 or w % 2 or x.dim() != 4:
+        if (x.device.type != "cpu" or x.dim() != 4 or h % 2 or w % 2 or not x.is_contiguous()
+                or torch.is_autocast_enabled("cpu") or x.dtype not in (torch.float32, torch.float64)):
             return F.avg_pool2d(x, 2, 2)
         n, c = x.shape[:2]
         top, bottom = x.reshape(n, c, h // 2, 2, w).unbind(3)

@@ -101,7 +101,12 @@ def test_compute_floor_counts_the_convnet_flops_by_hand():
     expected = (conv1 + conv2 + pool1 + pool2 + linear) + (conv1 + conv2 + linear) + (conv2 + pool1 + pool2 + linear)
     f = bench._compute_floor(model, model.flatten()[None], images, labels, SGDRecipe(lr=0.01, epochs=3), [0],
                              None, sequential_seconds=1.0)
-    assert f["flops_per_network_step"] == expected
+    assert f["flops_per_network_step"] == expected and f["flops"] == 3 * expected
+    # several minibatches per epoch: the same total arithmetic per epoch, split over the steps
+    f2 = bench._compute_floor(model, model.flatten()[None].repeat(2, 1), images, labels,
+                              SGDRecipe(lr=0.01, epochs=3, batch_size=5), [0, 1], None, sequential_seconds=1.0)
+    assert f2["steps_per_epoch"] == 4 and f2["flops"] == 2 * 3 * expected
+    assert f2["flops_per_network_step"] == expected / 4
 
 
 def test_experts_bytes_per_record_kind(quick):

@@ -138,6 +138,7 @@ def test_command_line_lets_openmp_sleep_on_small_machines(cores, given, expected
 
     code = ("import os, runpy, sys\n"
             f"os.cpu_count = lambda: {cores}\n"
+            f"os.sched_getaffinity = lambda pid: set(range({cores}))\n"
             "sys.argv = ['mctlib', 'presets']\n"
             "try:\n    runpy.run_module('mctlib', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print('POLICY', os.environ.get('OMP_WAIT_POLICY'))\n")
@@ -154,3 +155,10 @@ def test_library_errors_become_one_line_messages(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("mctlib convexify: error: ") and "not a trajectory store" in err
     assert "Traceback" not in err and not (tmp_path / "k").exists()
+
+
+def test_bad_thread_variable_is_a_usage_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MCTLIB_THREADS", "two")
+    with pytest.raises(SystemExit) as exit_:
+        main(["convexify", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "k")])
+    assert exit_.value.code == 2 and "MCTLIB_THREADS='two'" in capsys.readouterr().err

@@ -285,3 +285,15 @@ def test_avgpool2x2_under_torch_func_transforms():
     _, tangent = jvp(pool, (x[0],), (v,))
     torch.testing.assert_close(tangent, ref(v))  # linear: the jvp is the pooled direction
     torch.testing.assert_close(jacrev(pool)(x[0][:1]), jacrev(ref)(x[0][:1]))
+
+
+def test_avgpool2x2_keeps_torchs_behaviour_where_it_falls_back():
+    from mctlib.networks import AvgPool2x2
+
+    x = torch.randn(2, 3, 8, 8)
+    channels_last = x.clone(memory_format=torch.channels_last)
+    out = AvgPool2x2()(channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the layout survives, as with torch's
+    torch.testing.assert_close(out, torch.nn.functional.avg_pool2d(x, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert AvgPool2x2()(x).dtype == torch.float32  # no bf16 matmul under autocast

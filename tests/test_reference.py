@@ -68,7 +68,10 @@ def test_each_dsa_transform_keeps_shape_is_differentiable_and_seedable(policy):
     assert torch.isfinite(g).all() and g.abs().sum() > 0
     a = reference.diff_augment(x, policy, seed=7)
     b = reference.diff_augment(x, policy, seed=7)
-    torch.testing.assert_close(a, b)  # a seed fixes the draw; seeded draws are shared by the batch ("Siamese")
+    torch.testing.assert_close(a, b)  # a seed fixes the draw
+    same = x.detach()[:1].repeat(6, 1, 1, 1)
+    out = reference.diff_augment(same, policy, seed=3)
+    torch.testing.assert_close(out, out[:1].expand_as(out))  # seeded draws are shared by the batch ("Siamese")
 
 
 def test_dsa_flip_and_cutout_by_hand():
