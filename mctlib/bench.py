@@ -663,11 +663,10 @@ def _torch_avg_pool():
         AvgPool2x2.forward = before
 
 
-def section_pool(sizes: Sizes, log) -> dict:
-    """One MTT-unrolled match with `networks.AvgPool2x2` against torch's `F.avg_pool2d`,
-    interleaved: time and how far the loss and the image gradient move (rounding only)."""
-    from .augment import make_augment
-    from .matching import Student, match, plan_student
+def _digits_match_inputs(sizes: Sizes):
+    """One unrolled match's inputs at the digits bench shapes: (model, images, labels, theta_start,
+    theta_target, plan), random but seeded, the same for every section that compares settings."""
+    from .matching import plan_student
     from .networks import FlatModel, build_network
 
     net = _digits_net(sizes)
@@ -678,6 +677,16 @@ def section_pool(sizes: Sizes, log) -> dict:
     theta_start = model.flatten()
     theta_target = theta_start + 0.01 * torch.randn(theta_start.shape, generator=gen)
     plan = plan_student(100, sizes.syn_steps, None, gen)
+    return model, images, labels, theta_start, theta_target, plan
+
+
+def section_pool(sizes: Sizes, log) -> dict:
+    """One MTT-unrolled match with `networks.AvgPool2x2` against torch's `F.avg_pool2d`,
+    interleaved: time and how far the loss and the image gradient move (rounding only)."""
+    from .augment import make_augment
+    from .matching import Student, match
+
+    model, images, labels, theta_start, theta_target, plan = _digits_match_inputs(sizes)
     student = Student(model, make_augment(True))
 
     def run():
@@ -801,17 +810,9 @@ def section_precision(sizes: Sizes, log) -> dict:
     """bf16 autocast and channels-last against fp32: loss and image gradient of one unrolled match."""
     from .augment import make_augment
     from .device import autocast, channels_last
-    from .matching import Student, match, plan_student
-    from .networks import FlatModel, build_network
+    from .matching import Student, match
 
-    net = _digits_net(sizes)
-    model = FlatModel(build_network(net, seed=0))
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(100, net.channels, net.image_size, net.image_size, generator=gen)
-    labels = torch.arange(10).repeat_interleave(10)
-    theta_start = model.flatten()
-    theta_target = theta_start + 0.01 * torch.randn(theta_start.shape, generator=gen)
-    plan = plan_student(100, sizes.syn_steps, None, gen)
+    model, images, labels, theta_start, theta_target, plan = _digits_match_inputs(sizes)
     aug = make_augment(True)
 
     def run(precision, layout):
