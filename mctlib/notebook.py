@@ -52,6 +52,39 @@ def glue(name: str, value: Any, display: bool = False) -> Any:
     return value
 
 
+def check_parameter_names(known, history: list[str] | None = None) -> None:
+    """Raise ParameterError if papermill injected a parameter this chapter does not define.
+
+    papermill only warns about an unknown `-p NAME VALUE` and runs the chapter on its defaults; the
+    chapter's check cell calls this with the names of its parameters cell. The injected cell (its
+    source starts with papermill's "# Parameters" comment) is read from IPython's input history;
+    outside IPython, or where nothing was injected, there is nothing to check.
+    """
+    import ast
+
+    if history is None:
+        try:
+            history = list(get_ipython().user_ns.get("In", []))  # type: ignore[name-defined]  # noqa: F821
+        except NameError:
+            return
+    known = set(known)
+    injected: list[str] = []
+    for source in history:
+        if not source.lstrip().startswith("# Parameters"):
+            continue
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Assign):
+                injected += [t.id for t in node.targets if isinstance(t, ast.Name)]
+    unknown = sorted(set(injected) - known)
+    if unknown:
+        raise ParameterError(f"unknown parameter(s) {unknown}: this chapter's parameters are {sorted(known)} "
+                             "(check the spelling of papermill's -p/-y names)")
+
+
 def save_metrics(out_dir: str | Path, metrics: dict, parameters: dict) -> Path:
     """Write metrics.json (numbers, the parameters that produced them, versions) atomically."""
     out = Path(out_dir)
@@ -113,8 +146,14 @@ def resolve_runs_dir(runs_dir: str = "") -> Path:
 
 
 class Chapter:
-    """What a chapter produces: numbers glued into its prose (kept for metrics.json) and figures
-    (saved as PNG in `out` and glued for their `{glue:figure}` directive)."""
+    """What a chapter produces: numbers for its prose and figures, shown where the reader is.
+
+    `record` glues a number for the book's prose, keeps it for metrics.json and prints it, so a
+    reader in plain Jupyter, on Colab or in a papermill output notebook sees every number the
+    prose states. `figure` saves a PNG beside metrics.json and displays the figure once, inline
+    under the cell that made it; the book captions that output from the cell's `mystnb.figure`
+    metadata, so no figure is glued or shown twice.
+    """
 
     def __init__(self, out: str | Path, parameters: dict) -> None:
         self.out = Path(out)
@@ -122,21 +161,37 @@ class Chapter:
         self.parameters = dict(parameters)
         self.metrics: dict[str, Any] = {}
 
-    def record(self, name: str, value: Any) -> Any:
-        """Glue a number for the prose and keep it for metrics.json."""
+    def record(self, name: str, value: Any, show: bool = True) -> Any:
+        """Glue a number for the prose, keep it for metrics.json, and print `name = value`."""
         self.metrics[name] = value
-        return glue(name, value)
+        glue(name, value)
+        if show:
+            print(f"{name} = {format_value(value)}")
+        return value
 
-    def figure(self, name: str, fig) -> Path:
-        """Save `fig` as out/<name>.png and glue it as fig_<name> (not shown inline); closes it."""
+    def figure(self, name: str, fig) -> None:
+        """Save `fig` as out/<name>.png, display it inline once and close it."""
         import matplotlib.pyplot as plt
 
-        path = self.out / f"{name}.png"
-        fig.savefig(path, dpi=120)
-        glue(f"fig_{name}", fig, display=False)
+        fig.savefig(self.out / f"{name}.png", dpi=120)
+        try:
+            from IPython.display import display
+        except ImportError:
+            plt.close(fig)
+            return
+        display(fig)
         plt.close(fig)
-        return path
 
-    def save(self) -> Path:
+    def save(self) -> None:
         """metrics.json with the parameters and versions, beside the figures."""
-        return save_metrics(self.out, self.metrics, self.parameters)
+        save_metrics(self.out, self.metrics, self.parameters)
+        print(f"{len(self.metrics)} numbers saved with the parameters and versions")
+
+
+def format_value(value: Any) -> str:
+    """A number as a reader wants it: 4 significant digits for floats, ints as they are."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.4g}"
