@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,15 @@ RESUMABLE_CHANGES = {"iterations", "eval_every", "checkpoint_every"}
 
 
 class DivergenceError(FloatingPointError):
-    """Non-finite loss, images or alpha, or alpha <= 0: the run stopped, its last good state kept."""
+    """Non-finite loss, images or alpha: the run stopped, its last good state kept.
+
+    A non-positive alpha is not a divergence: the published code lets SGD with momentum carry alpha
+    below zero for an iteration or two early in a run and finishes well (METHOD.md). Such
+    iterations are counted, and an evaluation that falls on one is recorded as skipped."""
+
+
+class AlphaNonPositiveWarning(UserWarning):
+    """The learned lr alpha is <= 0 at some iteration (the run continues; see DivergenceError)."""
 
 
 class CheckpointError(RuntimeError):
@@ -58,7 +67,13 @@ class DistillResult:
 
     @property
     def final(self) -> dict | None:
-        return self.evals[-1] if self.evals else None
+        """The last evaluation that ran."""
+        ran = evaluated(self.evals)
+        return ran[-1] if ran else None
+
+    @property
+    def alpha_nonpositive_iterations(self) -> list[int]:
+        return [entry["iteration"] for entry in self.log if entry["alpha"] <= 0]
 
 
 @dataclass
@@ -213,11 +228,18 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
     student = Student(model, make_augment(cfg.dsa))
     records = [r.to(device) for r in store.records]          # moved once, not per iteration
     sampling = cfg.resolved_sampling
-    best = max(state.evals, key=lambda e: e["mean"]) if state.evals else None
+    best = max(evaluated(state.evals), key=lambda e: e["mean"], default=None)
+    warned = any(entry["alpha"] <= 0 for entry in state.log)
 
     def evaluate_now(it: int) -> None:
         nonlocal best
         if eval_cfg is None:
+            return
+        alpha_now = float(state.alpha)
+        if alpha_now <= 0:
+            # Training networks with a non-positive lr would ascend the loss; the published code
+            # evaluates with lr = alpha regardless, we record why this evaluation did not run.
+            state.evals.append({"iteration": it, "skipped": f"alpha = {alpha_now:.3g} <= 0 at this iteration"})
             return
         results = evaluate_synthetic(state.images, state.labels, float(state.alpha), dataset, net, eval_cfg, device)
         entry = {"iteration": it, "mean": results[0].mean, "std": results[0].std,
@@ -264,8 +286,14 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
             raise DivergenceError(f"distillation diverged at iteration {it}: {cause}{where}")
         state.iteration = it
         seconds = time.perf_counter() - tick
+        alpha_now = float(state.alpha)
         state.log.append({"iteration": it, "loss": result.loss, "tau_start": tau_start, "tau_target": tau_target,
-                          "alpha": float(state.alpha), "expert": expert, "seconds": seconds})
+                          "alpha": alpha_now, "expert": expert, "seconds": seconds})
+        if alpha_now <= 0 and not warned:
+            warned = True
+            warnings.warn(f"the learned lr alpha crossed zero at iteration {it} (alpha = {alpha_now:.3g}); the run "
+                          "goes on, as the published code does, and counts such iterations in metrics.json "
+                          "(alpha_nonpositive_iterations)", AlphaNonPositiveWarning, stacklevel=2)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", alpha=f"{float(state.alpha):.4g}")
@@ -292,17 +320,23 @@ def _divergence(loss: float, images: torch.Tensor, alpha: float, cfg: DistillCon
         return f"the synthetic images hold NaN/Inf; lower lr_img (now {cfg.lr_img:g})"
     if not math.isfinite(alpha):
         return f"the learned lr alpha is {alpha}; lower lr_lr (now {cfg.lr_lr:g})"
-    if alpha <= 0:
-        return f"the learned lr alpha went negative ({alpha:.3g}); lower lr_lr (now {cfg.lr_lr:g})"
     return None
+
+
+def evaluated(evals: list[dict]) -> list[dict]:
+    """The evaluations that ran (not those skipped because alpha <= 0 at their iteration)."""
+    return [e for e in evals if "skipped" not in e]
 
 
 def _write_metrics(run_dir: Path, state: _State, best: dict | None, config: dict) -> None:
     seconds = [entry["seconds"] for entry in state.log]
+    ran = evaluated(state.evals)
     atomic_write_json(run_dir / "metrics.json", {
         "iteration": state.iteration, "alpha": float(state.alpha),
+        "alpha_nonpositive_iterations": [e["iteration"] for e in state.log if e["alpha"] <= 0],
         "final_loss": state.log[-1]["loss"] if state.log else None,
         "seconds_per_iteration_median": sorted(seconds)[len(seconds) // 2] if seconds else None,
-        "evals": state.evals, "best": best, "final": state.evals[-1] if state.evals else None,
+        "evals": state.evals, "best": best, "final": ran[-1] if ran else None,
+        "skipped_evals": [e for e in state.evals if "skipped" in e],
         "log": state.log, "seed": config["distill"]["seed"],
     })

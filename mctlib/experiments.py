@@ -24,7 +24,7 @@ import torch
 
 from .config import DistillConfig, EvalConfig, Preset, get_preset, presets
 from .data import Dataset
-from .distill import CHECKPOINT, DistillResult, DivergenceError, distill, load_synthetic, run_config
+from .distill import CHECKPOINT, DistillResult, DivergenceError, distill, evaluated, load_synthetic, run_config
 from .evaluate import EvalResult, full_data_baseline, random_real_baseline
 from .networks import FlatModel, NetConfig, build_network
 from .notebook import config_key
@@ -281,6 +281,7 @@ def _row(variant: Variant, seed: int, result: RunResult | None, error: str | Non
         return {**row, "best_acc": math.nan, "best_std": math.nan, "best_iteration": None, "final_acc": math.nan,
                 "final_std": math.nan, "seconds_per_iteration": math.nan, "iterations": 0, "alpha": math.nan,
                 "final_loss": math.nan, "loss_fluctuation": math.nan, "loss_curve": [], "eval_curve": [],
+                "alpha_nonpositive_iterations": [], "skipped_evals": [],
                 "run_dir": None}
     best, final = result.best, result.final
     tail = result.losses[-10:]
@@ -292,7 +293,9 @@ def _row(variant: Variant, seed: int, result: RunResult | None, error: str | Non
             "seconds_per_iteration": result.seconds_per_iteration, "iterations": len(result.log),
             "alpha": result.alpha, "final_loss": statistics.fmean(tail) if tail else math.nan,
             "loss_fluctuation": fluctuation,
-            "loss_curve": result.losses, "eval_curve": [(e["iteration"], e["mean"]) for e in result.evals],
+            "loss_curve": result.losses, "eval_curve": [(e["iteration"], e["mean"]) for e in evaluated(result.evals)],
+            "alpha_nonpositive_iterations": result.alpha_nonpositive_iterations,
+            "skipped_evals": [e for e in result.evals if "skipped" in e],
             "run_dir": str(result.run_dir)}
 
 
