@@ -48,7 +48,8 @@ def _add_section(parser: argparse.ArgumentParser, section: str, primary: bool) -
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
         elif kind.startswith("tuple"):
-            group.add_argument(flag, dest=dest, nargs="+", default=argparse.SUPPRESS, help=help_text)
+            item = int if kind.startswith("tuple[int") else str
+            group.add_argument(flag, dest=dest, nargs="+", type=item, default=argparse.SUPPRESS, help=help_text)
         else:
             base = {"int": int, "float": float, "str": str}[kind.split()[0].split("|")[0]]
             parse = _parse_optional(base) if "None" in kind else base

@@ -153,13 +153,19 @@ class DistillConfig(_Config):
     batch_syn: int | None = None      # None: the whole synthetic set each step
     iterations: int = 200
     eval_every: int = 50
+    eval_at: tuple[int, ...] = ()     # extra evaluation iterations (besides 0, every eval_every and the last)
     checkpoint_every: int = 25
     init: str = "real"
     dsa: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.eval_at, (list, tuple)):
+            self.eval_at = tuple(self.eval_at)
         self._check_types()
+        if not isinstance(self.eval_at, tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in self.eval_at):
+            _fail("DistillConfig", "eval_at", self.eval_at, "must be a list of iteration numbers >= 1")
         self._choice("method", METHODS)
         self._choice("sampling", SAMPLINGS)
         self._choice("gradient_mode", GRADIENT_MODES)

@@ -256,7 +256,7 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.iterations, initial=state.iteration, desc=f"distill {cfg.method}", leave=False)
-    if state.iteration == 0 and not state.evals and cfg.eval_every:
+    if state.iteration == 0 and not state.evals and (cfg.eval_every or cfg.eval_at):
         evaluate_now(0)
     while state.iteration < cfg.iterations:
         good = state.snapshot()
@@ -297,7 +297,7 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", alpha=f"{float(state.alpha):.4g}")
-        if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations):
+        if (cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations)) or it in cfg.eval_at:
             evaluate_now(it)
         if run_dir is not None and (it % cfg.checkpoint_every == 0 or it == cfg.iterations):
             _save_checkpoint(run_dir, state, config)

@@ -261,6 +261,17 @@ class Comparison:
         return {"iterations": iterations, "acc_mean": mean, "acc_std": std,
                 "losses": [r["loss_curve"] for r in rows], "seeds": [r["seed"] for r in rows]}
 
+    def paired(self, label_a: str, label_b: str, key: str = "final_acc") -> dict:
+        """`key` of label_b minus label_a, seed by seed (only seeds where both finished): the per-seed
+        differences, their mean, sample standard deviation and standard error of the mean (std / sqrt(n)).
+        Pairing by seed removes what the two runs of a seed share: the initial images and the evaluation
+        networks' seeds."""
+        a = {r["seed"]: r[key] for r in self.select(label_a) if r["status"] != "diverged"}
+        b = {r["seed"]: r[key] for r in self.select(label_b) if r["status"] != "diverged"}
+        seeds = sorted(set(a) & set(b))
+        diffs = [b[s] - a[s] for s in seeds]
+        return summary_stats(diffs) | {"seeds": seeds, "differences": diffs}
+
     def format(self) -> str:
         """The summary as a fixed-width text table (accuracies in %)."""
         lines = [f"{'setting':28s} {'ipc':>3s} {'seeds':>5s} {'best acc (%)':>14s} {'final acc (%)':>14s} {'s/it':>6s}"]
@@ -270,6 +281,15 @@ class Comparison:
                          f"{100 * s['final_acc_mean']:7.2f} ± {100 * s['final_acc_std']:4.2f} "
                          f"{s['seconds_per_iteration_mean']:6.3f}")
         return "\n".join(lines)
+
+
+def summary_stats(values: Iterable[float]) -> dict:
+    """n, mean, sample standard deviation (n - 1) and standard error of the mean of `values`."""
+    values = [float(v) for v in values]
+    n = len(values)
+    mean = statistics.fmean(values) if n else math.nan
+    std = statistics.stdev(values) if n > 1 else math.nan
+    return {"n": n, "mean": mean, "std": std, "sem": std / math.sqrt(n) if n > 1 else math.nan}
 
 
 def _row(variant: Variant, seed: int, result: RunResult | None, error: str | None) -> dict:
@@ -299,15 +319,98 @@ def _row(variant: Variant, seed: int, result: RunResult | None, error: str | Non
             "run_dir": str(result.run_dir)}
 
 
+# ---------------------------------------------------------------------------------------------
+# Independent runs in parallel: one single-threaded process per core
+# ---------------------------------------------------------------------------------------------
+
+
+def default_workers(device=None) -> int:
+    """How many independent runs to compute at once: one per CPU core (each process single-threaded) on a
+    CPU, one on a GPU. On this book's 2-core reference machine one MTT iteration takes 2.8 s on one thread
+    and 2.05 s on two (book/performance.md), so two single-thread runs side by side do 1.4x the work of
+    one run on both cores. Each run is computed on one thread either way, so its result does not depend
+    on the number of workers."""
+    from . import available_cores
+    from .device import resolve_device
+
+    return 1 if resolve_device(device).type != "cpu" else max(1, available_cores())
+
+
+def _worker_init() -> None:
+    from .device import configure_threads
+
+    configure_threads(1)
+
+
+@lru_cache(maxsize=8)
+def _worker_store(path: str) -> TrajectoryStore:
+    return load_store(path)
+
+
+def _compute_run(name: str, cfg: DistillConfig, store_path: str, dataset: Dataset, ev: EvalConfig | None,
+                 runs_dir: str, device) -> str | None:
+    """In a worker: compute (or resume) one run into its run directory; the parent loads it afterwards."""
+    try:
+        run_or_load(name, cfg, _worker_store(store_path), dataset, ev, runs_dir, device)
+    except DivergenceError as err:
+        return str(err)
+    return None
+
+
+def _compute_baseline(kind: str, dataset: Dataset, net: NetConfig, cfg: EvalConfig, runs_dir: str, ipc, lr: float,
+                      device) -> None:
+    baseline_or_load(kind, dataset, net, cfg, runs_dir, ipc=ipc, lr=lr, device=device)
+
+
+def parallel_jobs(fn, jobs: list[tuple], workers: int, progress: bool = False, desc: str = "runs") -> list:
+    """fn(*job) for every job, in `workers` spawned single-threaded processes (in this process when there
+    is one worker or one job). Results come back in job order; an exception in a job is raised here."""
+    if not jobs:
+        return []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc=desc, leave=False)
+    if workers <= 1 or len(jobs) == 1:
+        out = []
+        for job in jobs:
+            out.append(fn(*job))
+            if bar is not None:
+                bar.update(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_worker_init,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+            out = [None] * len(jobs)
+            for future in as_completed(futures):
+                out[futures[future]] = future.result()
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _finished(run_dir: Path, cfg: DistillConfig) -> bool:
+    return (run_dir / "diverged.json").exists() or (
+        _iterations_done(run_dir) == cfg.iterations and (run_dir / "synthetic_final.safetensors").exists())
+
+
 def run_variants(variants: Iterable[Variant], seeds: Iterable[int], dataset: Dataset, store_full: TrajectoryStore,
                  eval_cfg: EvalConfig | None, runs_dir: str | Path = "runs", stores: dict | None = None,
-                 prefix: str = "", device=None, progress: bool = False) -> Comparison:
+                 prefix: str = "", device=None, progress: bool = False, workers: int = 1) -> Comparison:
     """Every variant at every seed through `run_or_load`. The seed sets the initial subset, the window
-    sampling and the evaluation networks; a run that diverges becomes a row with status 'diverged'."""
+    sampling and the evaluation networks; a run that diverges becomes a row with status 'diverged'.
+    With workers > 1 the runs not yet on disk are computed in parallel processes (`parallel_jobs`)
+    first, then every run is loaded."""
     stores = dict(stores or {})
     stores.setdefault(FULL, store_full)
     seeds = [int(s) for s in seeds]
-    rows, runs = [], {}
+    plan = []
     for variant in variants:
         if variant.record not in stores:
             stores[variant.record] = store_for(variant.record, store_full)
@@ -315,13 +418,19 @@ def run_variants(variants: Iterable[Variant], seeds: Iterable[int], dataset: Dat
         for seed in seeds:
             cfg = variant.distill.replace(seed=int(seed))
             ev = eval_cfg.replace(seed=int(seed)) if eval_cfg is not None else None
-            name = run_name(cfg, variant.record, store_full, ev, prefix)
-            try:
-                result, error = run_or_load(name, cfg, store, dataset, ev, runs_dir, device, progress), None
-            except DivergenceError as err:
-                result, error = None, str(err)
-            rows.append(_row(variant, int(seed), result, error))
-            runs[(variant.label, int(seed))] = result
+            plan.append((variant, seed, run_name(cfg, variant.record, store_full, ev, prefix), cfg, store, ev))
+    pending = [(name, cfg, str(store.path), dataset, ev, str(runs_dir), device)
+               for _, _, name, cfg, store, ev in plan if not _finished(Path(runs_dir) / name, cfg)]
+    if workers > 1 and len(pending) > 1:
+        parallel_jobs(_compute_run, pending, workers, progress, desc="distillation runs")
+    rows, runs = [], {}
+    for variant, seed, name, cfg, store, ev in plan:
+        try:
+            result, error = run_or_load(name, cfg, store, dataset, ev, runs_dir, device, progress), None
+        except DivergenceError as err:
+            result, error = None, str(err)
+        rows.append(_row(variant, int(seed), result, error))
+        runs[(variant.label, int(seed))] = result
     return Comparison(rows, runs)
 
 
@@ -347,7 +456,7 @@ def method_variants(configs: Iterable[str | DistillConfig | Variant]) -> list[Va
 def compare_methods(dataset: Dataset, configs: Iterable[str | DistillConfig | Variant], seeds: Iterable[int],
                     store_full: TrajectoryStore, store_convex: TrajectoryStore | None = None,
                     eval_cfg: EvalConfig | None = None, runs_dir: str | Path = "runs", prefix: str = "",
-                    device=None, progress: bool = False) -> Comparison:
+                    device=None, progress: bool = False, workers: int = 1) -> Comparison:
     """MTT (full buffer, integer starts) against MCT (convexified record, continuous tau), from the same
     experts: `store_convex` must be a convexification of `store_full` (made next to it when None)."""
     configs = list(configs)
@@ -364,7 +473,8 @@ def compare_methods(dataset: Dataset, configs: Iterable[str | DistillConfig | Va
     if eval_cfg is None:
         names = [c for c in configs if isinstance(c, str)]
         eval_cfg = get_preset(names[0]).eval if names else None
-    return run_variants(variants, seeds, dataset, store_full, eval_cfg, runs_dir, stores, prefix, device, progress)
+    return run_variants(variants, seeds, dataset, store_full, eval_cfg, runs_dir, stores, prefix, device, progress,
+                        workers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,15 +506,22 @@ def ablation_variants(kind: str, base: DistillConfig, record: RecordSpec = Recor
 
 def run_ablation(kind: str, base: DistillConfig, seeds: Iterable[int], dataset: Dataset, store_full: TrajectoryStore,
                  eval_cfg: EvalConfig | None, runs_dir: str | Path = "runs", prefix: str = "", device=None,
-                 progress: bool = False) -> Comparison:
+                 progress: bool = False, workers: int = 1) -> Comparison:
     """One ablation; runs shared between ablations (the base setting) are computed once and loaded after."""
     return run_variants(ablation_variants(kind, base), seeds, dataset, store_full, eval_cfg, runs_dir,
-                        prefix=prefix, device=device, progress=progress)
+                        prefix=prefix, device=device, progress=progress, workers=workers)
 
 
 # ---------------------------------------------------------------------------------------------
 # Baselines, cached like runs
 # ---------------------------------------------------------------------------------------------
+
+
+def _baseline_path(kind: str, dataset: Dataset, net: NetConfig, eval_cfg: EvalConfig, runs_dir, ipc, lr) -> Path:
+    desc = dataset.describe()
+    key = config_key({k: desc[k] for k in ("name", "image_size", "zca", "num_train")}, net.to_dict(),
+                     eval_cfg.to_dict(), kind, ipc, lr)
+    return Path(runs_dir) / "baselines" / f"{desc['name']}-{kind}{f'-ipc{ipc}' if ipc else ''}-{key}.json"
 
 
 def baseline_or_load(kind: str, dataset: Dataset, net: NetConfig, eval_cfg: EvalConfig, runs_dir: str | Path = "runs",
@@ -414,10 +531,7 @@ def baseline_or_load(kind: str, dataset: Dataset, net: NetConfig, eval_cfg: Eval
         raise ValueError(f"baseline {kind!r} unknown; choose random_real or full")
     if kind == "random_real" and not ipc:
         raise ValueError("the random_real baseline needs ipc")
-    desc = dataset.describe()
-    key = config_key({k: desc[k] for k in ("name", "image_size", "zca", "num_train")}, net.to_dict(),
-                     eval_cfg.to_dict(), kind, ipc, lr)
-    path = Path(runs_dir) / "baselines" / f"{desc['name']}-{kind}{f'-ipc{ipc}' if ipc else ''}-{key}.json"
+    path = _baseline_path(kind, dataset, net, eval_cfg, runs_dir, ipc, lr)
     if path.exists():
         return [EvalResult(r["arch"], r["accuracies"]) for r in json.loads(path.read_text())["results"]]
     if kind == "random_real":
@@ -427,6 +541,18 @@ def baseline_or_load(kind: str, dataset: Dataset, net: NetConfig, eval_cfg: Eval
     atomic_write_json(path, {"kind": kind, "ipc": ipc, "lr": lr, "eval": eval_cfg.to_dict(), "net": net.to_dict(),
                              "results": [r.to_dict() for r in results]})
     return results
+
+
+def random_real_subsets(dataset: Dataset, ipc: int, net: NetConfig, eval_cfg: EvalConfig, subsets: int,
+                        runs_dir: str | Path = "runs", lr: float = 0.01, device=None, workers: int = 1,
+                        progress: bool = False) -> list[EvalResult]:
+    """The random-real baseline on `subsets` different random subsets (subset k drawn, and its networks
+    seeded, with eval_cfg.seed + k), each cached; one EvalResult (first architecture) per subset."""
+    cfgs = [eval_cfg.replace(seed=eval_cfg.seed + k) for k in range(subsets)]
+    jobs = [("random_real", dataset, net, c, str(runs_dir), ipc, lr, device) for c in cfgs
+            if not _baseline_path("random_real", dataset, net, c, runs_dir, ipc, lr).exists()]
+    parallel_jobs(_compute_baseline, jobs, workers, progress, desc=f"random real IPC {ipc}")
+    return [baseline_or_load("random_real", dataset, net, c, runs_dir, ipc=ipc, lr=lr, device=device)[0] for c in cfgs]
 
 
 # ---------------------------------------------------------------------------------------------

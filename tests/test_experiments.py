@@ -186,3 +186,53 @@ def test_cost_estimate_scales_with_the_student_steps():
     assert short["flops_per_iteration"] > 0 and short["gpu_bytes"] > short["activation_bytes"] > 0
     assert long["flops_per_iteration"] == pytest.approx(2 * short["flops_per_iteration"], rel=0.05)
     assert long["activation_bytes"] == pytest.approx(2 * short["activation_bytes"], rel=0.1)
+
+
+def test_parallel_runs_equal_runs_in_this_process(digits8, store_full, tmp_path):
+    # Both computed on one thread (the module runs single-threaded; workers set one thread each): the
+    # same seed gives the same bits whichever process computes it.
+    cfg = DistillConfig(method="mtt", **SMALL)
+    serial = X.compare_methods(digits8, [cfg], [0, 1], store_full, None, EVAL, tmp_path / "serial")
+    parallel = X.compare_methods(digits8, [cfg], [0, 1], store_full, None, EVAL, tmp_path / "parallel", workers=2)
+    for seed in (0, 1):
+        a, b = serial.runs[("MTT", seed)], parallel.runs[("MTT", seed)]
+        assert a.status == "computed" and b.status == "loaded"  # computed by a worker, loaded here
+        assert torch.equal(a.images, b.images) and a.alpha == b.alpha
+        assert [e["loss"] for e in a.log] == [e["loss"] for e in b.log] and a.evals == b.evals
+
+
+def test_eval_at_adds_evaluations_to_eval_every():
+    cfg = DistillConfig(method="mtt", **{**SMALL, "iterations": 6, "eval_every": 6, "eval_at": [1, 4]})
+    assert cfg.eval_at == (1, 4) and DistillConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="eval_at"):
+        DistillConfig(method="mtt", **{**SMALL, "eval_at": [0]})
+
+
+def test_eval_at_evaluates_at_those_iterations(digits8, store_full, tmp_path):
+    cfg = DistillConfig(method="mtt", **{**SMALL, "iterations": 5, "eval_every": 5, "eval_at": [1, 3]})
+    result = X.run_or_load("run", cfg, store_full, digits8, EVAL, tmp_path)
+    assert [e["iteration"] for e in result.evals] == [0, 1, 3, 5]
+
+
+def test_paired_difference_by_seed_hand_computed():
+    rows = [{"label": "MTT", "seed": s, "status": "computed", "final_acc": a} for s, a in ((0, 0.80), (1, 0.90), (2, 0.70))]
+    rows += [{"label": "MCT", "seed": s, "status": "computed", "final_acc": a} for s, a in ((0, 0.85), (1, 0.90), (2, 0.80))]
+    rows += [{"label": "MCT", "seed": 3, "status": "computed", "final_acc": 0.1}]  # unpaired: left out
+    paired = X.Comparison(rows).paired("MTT", "MCT")
+    assert paired["seeds"] == [0, 1, 2] and paired["differences"] == pytest.approx([0.05, 0.0, 0.10])
+    assert paired["mean"] == pytest.approx(0.05)
+    assert paired["std"] == pytest.approx(0.05)  # sqrt((0 + 0.0025 + 0.0025) / 2)
+    assert paired["sem"] == pytest.approx(0.05 / 3 ** 0.5)
+
+
+def test_random_real_subsets_are_different_draws_each_cached(digits8, tiny_net, tmp_path, monkeypatch):
+    results = X.random_real_subsets(digits8, 1, tiny_net, EVAL, 3, tmp_path, workers=1)
+    assert len(results) == 3 and len({tuple(r.accuracies) for r in results}) > 1
+    assert len(list((tmp_path / "baselines").glob("*.json"))) == 3
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("a cached baseline was recomputed")
+
+    monkeypatch.setattr(X, "random_real_baseline", no_compute)
+    again = X.random_real_subsets(digits8, 1, tiny_net, EVAL, 3, tmp_path, workers=2)
+    assert [r.accuracies for r in again] == [r.accuracies for r in results]
