@@ -252,22 +252,30 @@ class Comparison:
         return out
 
     def curves(self, label: str) -> dict:
-        """Accuracy vs iteration (mean and std across seeds) and each seed's matching-loss curve."""
+        """Accuracy vs iteration (mean and std across seeds) and each seed's matching-loss curve. An
+        evaluation skipped in some run (alpha <= 0 at that iteration) leaves that seed out of that point."""
         rows = [r for r in self.select(label) if r["status"] != "diverged"]
         iterations = sorted({it for r in rows for it, _ in r["eval_curve"]})
-        acc = [[dict(r["eval_curve"]).get(it, math.nan) for it in iterations] for r in rows]
-        mean = [statistics.fmean(col) for col in zip(*acc)] if acc else []
-        std = [statistics.pstdev(col) for col in zip(*acc)] if len(acc) > 1 else [0.0] * len(mean)
-        return {"iterations": iterations, "acc_mean": mean, "acc_std": std,
-                "losses": [r["loss_curve"] for r in rows], "seeds": [r["seed"] for r in rows]}
+        columns = [[dict(r["eval_curve"])[it] for r in rows if it in dict(r["eval_curve"])] for it in iterations]
+        mean = [statistics.fmean(col) for col in columns]
+        std = [statistics.pstdev(col) if len(col) > 1 else 0.0 for col in columns]
+        return {"iterations": iterations, "acc_mean": mean, "acc_std": std, "counts": [len(c) for c in columns],
+                "losses": [r.get("loss_curve", []) for r in rows], "seeds": [r["seed"] for r in rows]}
 
-    def paired(self, label_a: str, label_b: str, key: str = "final_acc") -> dict:
-        """`key` of label_b minus label_a, seed by seed (only seeds where both finished): the per-seed
-        differences, their mean, sample standard deviation and standard error of the mean (std / sqrt(n)).
-        Pairing by seed removes what the two runs of a seed share: the initial images and the evaluation
-        networks' seeds."""
-        a = {r["seed"]: r[key] for r in self.select(label_a) if r["status"] != "diverged"}
-        b = {r["seed"]: r[key] for r in self.select(label_b) if r["status"] != "diverged"}
+    def per_seed(self, label: str, key: str = "final_acc", iteration: int | None = None) -> dict[int, float]:
+        """{seed: value} of the runs of `label` that finished: `key` of the row, or with `iteration` the
+        accuracy evaluated at that iteration (seeds whose evaluation there was skipped are left out)."""
+        rows = [r for r in self.select(label) if r["status"] != "diverged"]
+        if iteration is None:
+            return {r["seed"]: r[key] for r in rows}
+        return {r["seed"]: dict(r["eval_curve"])[iteration] for r in rows if iteration in dict(r["eval_curve"])}
+
+    def paired(self, label_a: str, label_b: str, key: str = "final_acc", iteration: int | None = None) -> dict:
+        """label_b minus label_a, seed by seed (`per_seed`; only seeds where both have a value): the
+        per-seed differences, their mean, sample standard deviation and standard error of the mean
+        (std / sqrt(n)). Pairing by seed removes what the two runs of a seed share: the initial
+        images and the evaluation networks' seeds."""
+        a, b = self.per_seed(label_a, key, iteration), self.per_seed(label_b, key, iteration)
         seeds = sorted(set(a) & set(b))
         diffs = [b[s] - a[s] for s in seeds]
         return summary_stats(diffs) | {"seeds": seeds, "differences": diffs}
@@ -290,6 +298,24 @@ def summary_stats(values: Iterable[float]) -> dict:
     mean = statistics.fmean(values) if n else math.nan
     std = statistics.stdev(values) if n > 1 else math.nan
     return {"n": n, "mean": mean, "std": std, "sem": std / math.sqrt(n) if n > 1 else math.nan}
+
+
+def describe_difference(stats: dict, scale: float = 100.0, unit: str = "points") -> str:
+    """A paired difference in words, with its uncertainty: 'within noise' only when its mean is less than
+    two standard errors from zero. With few seeds that is a lenient bar (with 5 seeds, two standard
+    errors is a two-sided t-test at about the 12% level), so 'more than two standard errors' is
+    evidence of a difference, not proof."""
+    n, mean, sem = stats["n"], stats["mean"], stats["sem"]
+    if n == 0:
+        return "no paired runs"
+    if n == 1:
+        return f"{scale * mean:+.2f} {unit} from a single seed, so without an uncertainty"
+    if all(d == 0 for d in stats.get("differences", [mean])):
+        return f"zero: the two methods scored the same in each of the {n} seeds"
+    text = f"{scale * mean:+.2f} ± {scale * sem:.2f} {unit} (mean ± standard error over {n} seeds)"
+    if abs(mean) < 2 * sem:
+        return text + ", within noise: less than two standard errors from zero"
+    return text + ", more than two standard errors from zero"
 
 
 def _row(variant: Variant, seed: int, result: RunResult | None, error: str | None) -> dict:
@@ -351,7 +377,7 @@ def _compute_run(name: str, cfg: DistillConfig, store_path: str, dataset: Datase
                  runs_dir: str, device) -> str | None:
     """In a worker: compute (or resume) one run into its run directory; the parent loads it afterwards."""
     try:
-        run_or_load(name, cfg, _worker_store(store_path), dataset, ev, runs_dir, device)
+        _quiet_run_or_load(name, cfg, _worker_store(store_path), dataset, ev, runs_dir, device)
     except DivergenceError as err:
         return str(err)
     return None
@@ -395,6 +421,18 @@ def parallel_jobs(fn, jobs: list[tuple], workers: int, progress: bool = False, d
     return out
 
 
+def _quiet_run_or_load(*args) -> RunResult:
+    # Each row of a comparison lists the iterations where alpha <= 0 (`alpha_nonpositive_iterations`),
+    # so the per-run warning would only repeat it, once per run and process.
+    import warnings
+
+    from .distill import AlphaNonPositiveWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AlphaNonPositiveWarning)
+        return run_or_load(*args)
+
+
 def _finished(run_dir: Path, cfg: DistillConfig) -> bool:
     return (run_dir / "diverged.json").exists() or (
         _iterations_done(run_dir) == cfg.iterations and (run_dir / "synthetic_final.safetensors").exists())
@@ -426,7 +464,7 @@ def run_variants(variants: Iterable[Variant], seeds: Iterable[int], dataset: Dat
     rows, runs = [], {}
     for variant, seed, name, cfg, store, ev in plan:
         try:
-            result, error = run_or_load(name, cfg, store, dataset, ev, runs_dir, device, progress), None
+            result, error = _quiet_run_or_load(name, cfg, store, dataset, ev, runs_dir, device, progress), None
         except DivergenceError as err:
             result, error = None, str(err)
         rows.append(_row(variant, int(seed), result, error))

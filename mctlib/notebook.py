@@ -52,6 +52,22 @@ def glue(name: str, value: Any, display: bool = False) -> Any:
     return value
 
 
+def per_ipc(name: str, value: Any, ipcs: list[int], low: int, high: int, default=None) -> dict[int, int]:
+    """{ipc: value} for a parameter that may differ per IPC: one int applies to every IPC, a list gives
+    one value per entry of `ipcs`, and 0 takes `default(position)` when a default rule is given (so the
+    default follows `ipcs`: any single -p override of `ipcs` still runs)."""
+    check_parameter(name, value, (list, int))
+    if isinstance(value, int) and value == 0 and default is not None:
+        values = [default(i) for i in range(len(ipcs))]
+    else:
+        values = [value] * len(ipcs) if isinstance(value, int) else list(value)
+    if len(values) != len(ipcs):
+        raise ParameterError(f"parameter {name} = {value!r} needs one entry per IPC in ipcs = {ipcs}, or one int")
+    for i, v in enumerate(values):
+        check_parameter(f"{name}[{i}]", v, int, low, high)
+    return dict(zip(ipcs, values))
+
+
 def check_parameter_names(known, history: list[str] | None = None) -> None:
     """Raise ParameterError if papermill injected a parameter this chapter does not define.
 
@@ -161,13 +177,13 @@ class Chapter:
         self.parameters = dict(parameters)
         self.metrics: dict[str, Any] = {}
 
-    def record(self, name: str, value: Any, show: bool = True) -> Any:
-        """Glue a number for the prose, keep it for metrics.json, and print `name = value`."""
+    def record(self, name: str, value: Any, show: bool = True) -> None:
+        """Glue a number for the prose, keep it for metrics.json, and print `name = value` (returns
+        nothing, so a cell that ends with it shows no stray value)."""
         self.metrics[name] = value
-        glue(name, value)
+        glue(name, _PlainText(value) if isinstance(value, str) else value)
         if show:
             print(f"{name} = {format_value(value)}")
-        return value
 
     def figure(self, name: str, fig) -> None:
         """Save `fig` as out/<name>.png, display it inline once and close it."""
@@ -186,6 +202,13 @@ class Chapter:
         """metrics.json with the parameters and versions, beside the figures."""
         save_metrics(self.out, self.metrics, self.parameters)
         print(f"{len(self.metrics)} numbers saved with the parameters and versions")
+
+
+class _PlainText(str):
+    """A string whose repr is itself, so `{glue:text}` pastes it without quotes."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def format_value(value: Any) -> str:

@@ -353,6 +353,38 @@ def accuracy_overview(table: list[dict], full_data: float | None = None):
     return fig
 
 
+def per_seed_accuracy(panels: dict, full_data: float | None = None):
+    """One panel per IPC: every random real subset and every seed's final accuracy of each method as a
+    dot, the mean +- sample std as a bar beside them, and a grey line joining the two methods' runs of
+    the same seed (what the paired difference compares). `panels[ipc]` = {"random real": [acc, ...],
+    label: {seed: acc, ...}, ...} (fractions); the full-data accuracy as a dashed line."""
+    import statistics
+
+    fig, axes = new_figure(len(panels), width=3.6, squeeze=False)
+    for ax, (ipc, groups) in zip(axes[0], panels.items()):
+        names = list(groups)
+        for i, name in enumerate(names):
+            values = groups[name]
+            accs = [100 * v for v in (values.values() if isinstance(values, dict) else values)]
+            color = METHOD_COLORS.get(name, "0.45")
+            ax.scatter([i - 0.08] * len(accs), accs, s=14, color=color, zorder=3)
+            if len(accs) > 1:
+                ax.errorbar(i + 0.12, statistics.fmean(accs), yerr=statistics.stdev(accs), fmt="s", ms=4,
+                            color=color, capsize=3)
+        methods = [n for n in names if isinstance(groups[n], dict)]
+        for a, b in zip(methods, methods[1:]):
+            ia, ib = names.index(a), names.index(b)
+            for seed in sorted(set(groups[a]) & set(groups[b])):
+                ax.plot([ia - 0.08, ib - 0.08], [100 * groups[a][seed], 100 * groups[b][seed]], color="0.75",
+                        lw=0.7, zorder=1)
+        if full_data is not None:
+            ax.axhline(100 * full_data, color="k", ls="--", lw=1, label="full data")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set(xlim=(-0.5, len(names) - 0.5), title=f"IPC {ipc}", ylabel="test accuracy (%)")
+    return fig
+
+
 def seed_spread(rows_by_label: dict):
     """Each seed's best and final accuracy, per method: the spread across seeds is the stability."""
     fig, axes = new_figure(2, width=3.4, sharey=True)

@@ -236,3 +236,20 @@ def test_random_real_subsets_are_different_draws_each_cached(digits8, tiny_net, 
     monkeypatch.setattr(X, "random_real_baseline", no_compute)
     again = X.random_real_subsets(digits8, 1, tiny_net, EVAL, 3, tmp_path, workers=2)
     assert [r.accuracies for r in again] == [r.accuracies for r in results]
+
+
+def test_per_seed_at_an_iteration_skips_missing_evaluations_and_words_the_difference():
+    rows = [{"label": "MTT", "seed": 0, "status": "computed", "eval_curve": [(0, 0.5), (10, 0.6)]},
+            {"label": "MTT", "seed": 1, "status": "computed", "eval_curve": [(0, 0.5)]},  # skipped at 10
+            {"label": "MCT", "seed": 0, "status": "computed", "eval_curve": [(0, 0.5), (10, 0.7)]},
+            {"label": "MCT", "seed": 1, "status": "computed", "eval_curve": [(0, 0.5), (10, 0.8)]}]
+    table = X.Comparison(rows)
+    assert table.per_seed("MTT", iteration=10) == {0: 0.6}
+    assert table.paired("MTT", "MCT", iteration=10)["differences"] == pytest.approx([0.1])
+    curves = table.curves("MCT")
+    assert curves["iterations"] == [0, 10] and curves["acc_mean"] == pytest.approx([0.5, 0.75])
+    assert table.curves("MTT")["counts"] == [2, 1]
+    assert "single seed" in X.describe_difference(X.summary_stats([0.01]))
+    assert "within noise" in X.describe_difference(X.summary_stats([0.01, -0.01, 0.02]))
+    assert "more than two standard errors" in X.describe_difference(X.summary_stats([0.10, 0.11, 0.12]))
+    assert X.describe_difference(X.summary_stats([0.10, 0.11, 0.12])).startswith("+11.00 ± 0.58 points")
