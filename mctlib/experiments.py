@@ -312,6 +312,10 @@ def describe_difference(stats: dict, scale: float = 100.0, unit: str = "points")
         return f"{scale * mean:+.2f} {unit} from a single seed, so without an uncertainty"
     if all(d == 0 for d in stats.get("differences", [mean])):
         return f"zero: the two methods scored the same in each of the {n} seeds"
+    if n == 2:
+        diffs = ", ".join(f"{scale * d:+.2f}" for d in stats["differences"])
+        return (f"{scale * mean:+.2f} {unit} on average ({diffs} in the two seeds); two seeds are too few for a "
+                "standard error to mean much")
     text = f"{scale * mean:+.2f} ± {scale * sem:.2f} {unit} (mean ± standard error over {n} seeds)"
     if abs(mean) < 2 * sem:
         return text + ", within noise: less than two standard errors from zero"

@@ -251,5 +251,8 @@ def test_per_seed_at_an_iteration_skips_missing_evaluations_and_words_the_differ
     assert table.curves("MTT")["counts"] == [2, 1]
     assert "single seed" in X.describe_difference(X.summary_stats([0.01]))
     assert "within noise" in X.describe_difference(X.summary_stats([0.01, -0.01, 0.02]))
+    two = X.summary_stats([-0.0007, -0.0007]) | {"differences": [-0.0007, -0.0007]}
+    assert "two seeds are too few" in X.describe_difference(two)
     assert "more than two standard errors" in X.describe_difference(X.summary_stats([0.10, 0.11, 0.12]))
-    assert X.describe_difference(X.summary_stats([0.10, 0.11, 0.12])).startswith("+11.00 ± 0.58 points")
+    three = X.summary_stats([0.10, 0.11, 0.12]) | {"differences": [0.10, 0.11, 0.12]}
+    assert X.describe_difference(three).startswith("+11.00 ± 0.58 points")
