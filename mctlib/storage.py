@@ -52,9 +52,9 @@ def check_destination(path: str | Path, flag: str = "--out") -> None:
 
     Writes and removes a probe file in the folder, or in its nearest existing parent, because
     permission bits alone do not say it (root, read-only mounts, ACLs)."""
-    path = Path(path)
-    if str(path).strip() in ("", "."):
+    if not str(path).strip():  # Path("") is the current folder: an empty --out would write there
         raise DestinationError(f"{flag} {str(path)!r} names no folder; give the folder to write in, e.g. {flag} runs/x")
+    path = Path(path)
     if path.exists() and not path.is_dir():
         raise DestinationError(f"{flag} {path} is an existing file, not a folder; choose another {flag}")
     probe = path
