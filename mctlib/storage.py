@@ -149,6 +149,9 @@ def save_store(path: str | Path, records: list, net: NetConfig, dataset: dict, r
         raise ValueError("a store holds one record kind; got " + ", ".join(k.__name__ for k in kinds))
     kind = "full" if kinds == {FullBuffer} else "convex"
     model = FlatModel(build_network(net))
+    if path.is_dir():  # half-written temporary files of a write that a kill interrupted
+        for leftover in [*path.glob(".expert_*.safetensors.*.tmp"), *path.glob(f".{MANIFEST}.*.tmp")]:
+            leftover.unlink(missing_ok=True)
     experts = []
     for i, (record, seed) in enumerate(zip(records, init_seeds, strict=True)):
         theta0 = record.params[0] if kind == "full" else record.waypoints[0]
