@@ -320,7 +320,7 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
     sampling = cfg.resolved_sampling
     best = max(evaluated(state.evals), key=lambda e: e["mean"], default=None)
     warned = any(entry["alpha"] <= 0 for entry in state.log)
-    data_rms = float(dataset.train_images.float().pow(2).mean().sqrt())
+    data_rms = _rms(dataset.train_images)
 
     def evaluate_now(it: int) -> None:
         nonlocal best
@@ -418,7 +418,7 @@ def _divergence(loss: float, images: torch.Tensor, alpha: float, cfg: DistillCon
                 "is probably too high"), field
     if not torch.isfinite(images).all():
         return f"the synthetic images hold NaN/Inf; lower lr_img (now {cfg.lr_img:g})", "lr_img"
-    rms = float(images.detach().pow(2).mean().sqrt())
+    rms = _rms(images.detach())
     if rms > RUNAWAY_PIXEL_RMS * data_rms:
         return (f"the synthetic images ran away (pixel RMS {rms:.3g}, {rms / data_rms:.3g} times the real data's); "
                 f"lower lr_img (now {cfg.lr_img:g})"), "lr_img"
@@ -428,6 +428,11 @@ def _divergence(loss: float, images: torch.Tensor, alpha: float, cfg: DistillCon
                 f"over the run's first iterations; alpha = {alpha:.3g}); lower {field} (now "
                 f"{getattr(cfg, field):g})"), field
     return None, ""
+
+
+def _rms(x: torch.Tensor) -> float:
+    """Root mean square of all entries (a norm reduction: no squared copy of a large training set)."""
+    return float(torch.linalg.vector_norm(x)) / math.sqrt(max(x.numel(), 1))
 
 
 def evaluated(evals: list[dict]) -> list[dict]:
