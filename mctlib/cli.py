@@ -23,6 +23,15 @@ SECTIONS = {"data": DataConfig, "net": NetConfig, "expert": ExpertConfig, "disti
 FLAG_PREFIX = {"data": "data-", "net": "net-", "expert": "expert-", "distill": "", "eval": "eval-"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse reads "-1e-7" as a flag (its negative-number pattern has no exponent); this one reads
+    every negative number as a value. Subcommand parsers are made of the same class."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.I)
+
+
 def _parse_optional(kind):
     def parse(text: str):
         if text.lower() in ("none", "null", ""):
@@ -127,13 +136,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mctlib", description="Matching Convexified Trajectory dataset distillation")
+    parser = _Parser(prog="mctlib", description="Matching Convexified Trajectory dataset distillation")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("experts", help="train experts and record their trajectories")
     _common(p)
     p.add_argument("--out", required=True, help="folder for the trajectory store (must not hold one)")
-    p.add_argument("--ensemble-size", type=int, default=8, help="experts trained at once (vmap)")
+    p.add_argument("--ensemble-size", type=int, default=8, help="experts trained at once (vmap; >= 1; fewer use "
+                   "less memory)")
     for s in ("expert", "data", "net"):
         _add_section(p, s, s == "expert")
 
@@ -180,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     parser = make_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # the command as given, for the one that continues a diverged run
     if args.command != "presets":
         from .device import configure_threads
 
@@ -197,17 +208,70 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(args, parser)
     except _user_errors() as err:  # a problem with the user's files or data: its message says what to do
+        print(f"mctlib {args.command}: error: {err}{_continue_hint(args, err)}", file=sys.stderr)
+        return 1
+    except OSError as err:  # the file system refused (permissions, a full disk): its own message names the path
         print(f"mctlib {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        hint = "; `--resume` continues from its last checkpoint" if args.command == "distill" else ""
+        print(f"mctlib {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+def _continue_hint(args, err) -> str:
+    """For a diverged distill run: the exact command that continues it with a lower step size."""
+    from .distill import DivergenceError
+
+    if args.command != "distill" or not isinstance(err, DivergenceError) or not err.field:
+        return ""
+    import shlex
+
+    flag = "--" + err.field.replace("_", "-")
+    kept, skip = [], False
+    for word in args.argv:
+        if skip:
+            skip = False
+        elif word == flag:
+            skip = True
+        elif word != "--resume" and not word.startswith(flag + "="):
+            kept.append(word)
+    return f"; to continue from it: python -m mctlib {shlex.join(kept)} --resume {flag} {err.suggested:g}"
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """The library's own errors, each raised with a message that names the fix."""
     from .data import DatasetError
     from .distill import CheckpointError, DivergenceError
-    from .storage import StoreError
+    from .storage import DestinationError, StoreError
 
-    return StoreError, DatasetError, CheckpointError, DivergenceError
+    return StoreError, DatasetError, CheckpointError, DivergenceError, DestinationError
+
+
+def _device(args, sp):
+    """The --device, checked before any work (a missing GPU is one line, not a traceback)."""
+    import torch
+
+    from .device import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as err:
+        sp.error(f"--device {args.device}: {err}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        sp.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA GPU(s); use cuda:0 .. "
+                 f"cuda:{torch.cuda.device_count() - 1}, or --device cpu")
+    return device
+
+
+def _destination(args, sp) -> Path:
+    from .storage import DestinationError, check_destination
+
+    try:
+        check_destination(args.out)
+    except DestinationError as err:
+        sp.error(str(err))
+    return Path(args.out)
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -224,16 +288,18 @@ def _load_data(cfg: DataConfig):
 def _experts(args, parser) -> int:
     sp = _subparser(parser, "experts")
     c = build_configs(args, ["expert", "data", "net"], "expert", sp)
-    out = Path(args.out)
+    if args.ensemble_size < 1:
+        sp.error(f"--ensemble-size {args.ensemble_size} must be >= 1 (experts trained at once)")
+    out = _destination(args, sp)  # before training: a folder that cannot be written would lose it all
     if (out / "manifest.json").exists():
         sp.error(f"--out {out} already holds a trajectory store; choose another folder")
-    from .device import resolve_device
     from .experts import make_experts
 
-    device = resolve_device(args.device)
+    device = _device(args, sp)
     data = _load_data(c["data"])
     _check_net_data(sp, c["net"], data)
-    store = make_experts(data, c["net"], c["expert"], out, device=device, progress=not args.no_progress)
+    store = make_experts(data, c["net"], c["expert"], out, device=device, progress=not args.no_progress,
+                         ensemble_size=args.ensemble_size)
     stats = store.manifest["stats"]
     acc = stats["test_accuracy"]
     print(f"{len(acc)} experts ({store.kind} records) in {stats['seconds']:.1f}s, test accuracy "
@@ -252,6 +318,7 @@ def _convexify(args, parser) -> int:
     from .storage import load_store, save_convexified
 
     sp = _subparser(parser, "convexify")
+    _destination(args, sp)
     store = load_store(args.store)
     if store.kind != "full":
         sp.error(f"--store {args.store} holds {store.kind} records; convexify needs full buffers")
@@ -269,29 +336,51 @@ def _convexify(args, parser) -> int:
 def _distill(args, parser) -> int:
     sp = _subparser(parser, "distill")
     c = build_configs(args, ["distill", "eval", "data"], "distill", sp)
-    from .device import resolve_device
     from .distill import distill
     from .storage import StoreError, load_store
 
+    out = _destination(args, sp)
+    device = _device(args, sp)
+    if (out / "config.json").exists() and not args.resume:
+        sp.error(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
     data = _load_data(c["data"])
     try:
         store = load_store(args.store, dataset=data.describe())
     except StoreError as err:
         sp.error(str(err))
-    out = Path(args.out)
-    if (out / "config.json").exists() and not args.resume:
-        sp.error(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
+    _check_store_net(args, store, sp)
     try:
         result = distill(c["distill"], store, data, c["eval"], out, resume=args.resume,
-                         device=resolve_device(args.device), progress=not args.no_progress,
+                         device=device, progress=not args.no_progress,
                          run_info={"command": sys.argv, "preset": args.preset})
     except ValueError as err:
         sp.error(str(err))
+    for change in json.loads((out / "metrics.json").read_text()).get("step_size_changes", []):
+        print(f"{change['field']} {change['from']:g} -> {change['to']:g} from iteration {change['iteration']} "
+              "(recorded in metrics.json)")
     if result.best:
         print(f"best: {100 * result.best['mean']:.2f} +- {100 * result.best['std']:.2f}% at iteration "
               f"{result.best['iteration']}; final: {100 * result.final['mean']:.2f} +- {100 * result.final['std']:.2f}%")
     print(f"alpha {result.alpha:.5g}; run -> {out}")
     return 0
+
+
+def _check_store_net(args, store, sp) -> None:
+    """distill uses the store's network. A --config file that sets another is refused; a preset whose
+    network differs gets one line saying which is used."""
+    stored = store.net.to_dict()
+    if args.config:
+        asked = json.loads(Path(args.config).read_text()).get("net") or {}
+        diff = [f"{k}: --config {v!r} vs store {stored.get(k)!r}" for k, v in asked.items() if stored.get(k) != v]
+        if diff:
+            sp.error(f"--store {store.path} was recorded with another network than --config {args.config} sets "
+                     f"({'; '.join(diff)}); distill uses the store's, so drop the net section or use another store")
+    if args.preset:
+        preset_net = get_preset(args.preset).net.to_dict()
+        diff = [f"{k} {stored[k]!r} (preset {preset_net[k]!r})" for k in stored if preset_net.get(k) != stored[k]]
+        if diff:
+            print(f"mctlib distill: note: --store {store.path} was recorded with network {', '.join(diff)}; "
+                  "the store's network is used", file=sys.stderr)
 
 
 def _settings_of_run(args, c: dict, sp) -> dict:
@@ -300,7 +389,12 @@ def _settings_of_run(args, c: dict, sp) -> dict:
     config_file = Path(args.synthetic).parent / "config.json"
     if args.preset or args.config or not config_file.exists():
         return c
-    run = json.loads(config_file.read_text())
+    try:
+        run = json.loads(config_file.read_text())
+        NetConfig.from_dict(run["net"]), run["dataset"]["image_size"][0]
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as err:
+        sp.error(f"{config_file} (the run beside --synthetic) is unreadable or damaged ({err!r}); pass --preset or "
+                 "--config to say which network and data to evaluate on")
     explicit = {k.split(".", 1)[1] for k in vars(args) if k.startswith(("net.", "data."))}
     if explicit:
         sp.error(f"{args.synthetic} comes with {config_file}; its network and data are used, so drop "
@@ -313,33 +407,39 @@ def _settings_of_run(args, c: dict, sp) -> dict:
 def _evaluate(args, parser) -> int:
     sp = _subparser(parser, "evaluate")
     c = build_configs(args, ["eval", "data", "net"], "eval", sp)
-    from .device import resolve_device, versions
+    import math
+
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        sp.error(f"--lr {args.lr} must be a finite number > 0 (the baselines' learning rate)")
+    if args.ipc < 1:
+        sp.error(f"--ipc {args.ipc} must be >= 1 (images per class of the random_real baseline)")
+    out = _destination(args, sp)
+    device = _device(args, sp)
+    from .device import versions
     from .distill import load_synthetic
     from .evaluate import evaluate_synthetic, full_data_baseline, random_real_baseline
     from .storage import atomic_write_json
 
     if args.synthetic:
         c = _settings_of_run(args, c, sp)
-    data = _load_data(c["data"])
-    _check_net_data(sp, c["net"], data)
-    device = resolve_device(args.device)
-    out = Path(args.out)
     if (out / "metrics.json").exists():
         sp.error(f"--out {out} already holds metrics.json; choose another folder")
-    if args.synthetic:
-        try:
+    data = _load_data(c["data"])
+    _check_net_data(sp, c["net"], data)
+    try:  # each checks its training set (shape, labels, lr) before training anything
+        if args.synthetic:
             images, labels, alpha = load_synthetic(args.synthetic)
-        except ValueError as err:
-            sp.error(str(err))
-        results = evaluate_synthetic(images, labels, alpha, data, c["net"], c["eval"], device)
-        source = {"synthetic": args.synthetic, "alpha": alpha}
-    elif args.baseline == "random_real":
-        results = random_real_baseline(data, args.ipc, c["net"], c["eval"], lr=args.lr, seed=c["eval"].seed,
-                                       device=device)
-        source = {"baseline": "random_real", "ipc": args.ipc, "lr": args.lr}
-    else:
-        results = full_data_baseline(data, c["net"], c["eval"], lr=args.lr, device=device)
-        source = {"baseline": "full", "lr": args.lr}
+            results = evaluate_synthetic(images, labels, alpha, data, c["net"], c["eval"], device)
+            source = {"synthetic": args.synthetic, "alpha": alpha}
+        elif args.baseline == "random_real":
+            results = random_real_baseline(data, args.ipc, c["net"], c["eval"], lr=args.lr, seed=c["eval"].seed,
+                                           device=device)
+            source = {"baseline": "random_real", "ipc": args.ipc, "lr": args.lr}
+        else:
+            results = full_data_baseline(data, c["net"], c["eval"], lr=args.lr, device=device)
+            source = {"baseline": "full", "lr": args.lr}
+    except ValueError as err:
+        sp.error(str(err))
     for r in results:
         print(r)
     atomic_write_json(out / "metrics.json", {"source": source, "results": [r.to_dict() for r in results],

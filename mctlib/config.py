@@ -73,8 +73,10 @@ class _Config:
         value = getattr(self, name)
         if value is None:
             return
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(type(self).__name__, name, value, "must be a finite number")
         bad = (low is not None and (value <= low if low_open else value < low)) or (
-            high is not None and value > high) or (isinstance(value, float) and not math.isfinite(value))
+            high is not None and value > high)
         if bad:
             lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
             hi = "" if high is None else f"<= {high}"

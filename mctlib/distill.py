@@ -9,6 +9,7 @@ atomically, from which `resume=True` continues to the same result as an uninterr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -28,22 +29,37 @@ from .device import resolve_device, versions
 from .evaluate import evaluate_synthetic
 from .matching import Student, match, plan_student
 from .networks import FlatModel, build_network
-from .storage import TrajectoryStore, atomic_write_bytes, atomic_write_json, check_match
+from .storage import TrajectoryStore, atomic_write_bytes, atomic_write_json, check_match, tensor_sha256
 from .training import derive_seed
 from .trajectories import sample_window
 
 CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_FORMAT = "mctlib-distill-checkpoint-v1"
+CHECKPOINT_FORMAT = "mctlib-distill-checkpoint-v2"   # v2: carries a checksum over its tensors and state
 # Fields that may change when a run is resumed: they decide when to stop and log, not what is computed.
 RESUMABLE_CHANGES = {"iterations", "eval_every", "checkpoint_every"}
+# Step sizes may change too, so a diverged run continues from its last good state with a lower one;
+# each change is recorded with the iteration it took effect at (metrics.json, "step_size_changes").
+STEP_SIZE_CHANGES = ("lr_img", "lr_lr")
+# A run whose images or loss run away is stopped like one that reaches NaN: pixel RMS above this many
+# times the real data's, or a matching loss this many times the median of the run's first iterations.
+# Measured on 8x8 digits, 200 MCT iterations: lr_img 1e2 / 1e3 / 1e4 end at 2.4 / 7.7 / 43 times the
+# data's RMS with the loss at most 1.4 times its start (a ConvNet with instance norm does not mind the
+# scale), while lr_img 1e9 is at 2e6 times after one iteration and its set scores 6 %.
+RUNAWAY_PIXEL_RMS = 1e4
+RUNAWAY_LOSS = 1e4
 
 
 class DivergenceError(FloatingPointError):
-    """Non-finite loss, images or alpha: the run stopped, its last good state kept.
+    """Non-finite or runaway loss, images or alpha: the run stopped, its last good state kept.
 
+    `field` is the step size to lower ("lr_img" or "lr_lr") and `suggested` a value to resume with.
     A non-positive alpha is not a divergence: the published code lets SGD with momentum carry alpha
     below zero for an iteration or two early in a run and finishes well (METHOD.md). Such
     iterations are counted, and an evaluation that falls on one is recorded as skipped."""
+
+    def __init__(self, message: str, field: str | None = None, suggested: float | None = None) -> None:
+        super().__init__(message)
+        self.field, self.suggested = field, suggested
 
 
 class AlphaNonPositiveWarning(UserWarning):
@@ -87,6 +103,7 @@ class _State:
     iteration: int = 0
     log: list = field(default_factory=list)
     evals: list = field(default_factory=list)
+    changes: list = field(default_factory=list)   # step sizes changed on resume
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.cpu().contiguous(),
@@ -97,7 +114,7 @@ class _State:
         gen = torch.Generator().set_state(self.generator.get_state())
         return _State(self.images.detach().clone(), self.labels, self.alpha.detach().clone(),
                       self.img_velocity.clone(), self.lr_velocity.clone(), gen, self.iteration,
-                      list(self.log), list(self.evals))
+                      list(self.log), list(self.evals), list(self.changes))
 
 
 def initial_synthetic(dataset: Dataset, cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,15 +138,38 @@ def _check_store(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset) -
     epochs = store.records[0].epochs
     if cfg.expert_epochs >= epochs:
         raise ValueError(f"expert_epochs = {cfg.expert_epochs} must be below the experts' {epochs} epochs")
+    # Every window must end on the trajectory: a start past E - M would be cut at E (a shorter window
+    # that the loss does not expect), so the value is refused rather than clamped. MTT draws integer
+    # starts 0 .. max_start_epoch - 1, MCT continuous starts in [0, max_start_epoch).
+    largest = epochs - cfg.expert_epochs + (1 if cfg.resolved_sampling == "integer" else 0)
+    if cfg.max_start_epoch > largest:
+        raise ValueError(f"max_start_epoch = {cfg.max_start_epoch:g} is beyond what {store.path} allows: its experts "
+                         f"have {epochs} epochs and windows of expert_epochs = {cfg.expert_epochs:g} must end by "
+                         f"then, so the largest allowed max_start_epoch is {largest:g}")
+
+
+def _checkpoint_checksum(tensors: dict[str, torch.Tensor], config_json: str, state_json: str) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes and the config and state JSON."""
+    parts = {name: [str(t.dtype), list(t.shape), tensor_sha256(t)] for name, t in sorted(tensors.items())}
+    blob = json.dumps([parts, config_json, state_json], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 def _save_checkpoint(run_dir: Path, state: _State, config: dict) -> None:
-    meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(config, sort_keys=True),
-            "state": json.dumps({"iteration": state.iteration, "log": state.log, "evals": state.evals})}
-    atomic_write_bytes(run_dir / CHECKPOINT, st_save(state.tensors(), metadata=meta))
+    tensors = state.tensors()
+    config_json = json.dumps(config, sort_keys=True)
+    state_json = json.dumps({"iteration": state.iteration, "log": state.log, "evals": state.evals,
+                             "changes": state.changes})
+    meta = {"format": CHECKPOINT_FORMAT, "config": config_json, "state": state_json,
+            "checksum": _checkpoint_checksum(tensors, config_json, state_json)}
+    atomic_write_bytes(run_dir / CHECKPOINT, st_save(tensors, metadata=meta))
+
+
+_CHECKPOINT_TENSORS = ("images", "labels", "alpha", "img_velocity", "lr_velocity", "rng")
 
 
 def _load_checkpoint(run_dir: Path, config: dict, device: torch.device) -> _State:
+    """The verified state of a checkpoint: format, fields, finiteness, checksum, then the configuration."""
     path = run_dir / CHECKPOINT
     if not path.exists():
         raise CheckpointError(f"nothing to resume: {path} does not exist (run without --resume to start)")
@@ -137,23 +177,55 @@ def _load_checkpoint(run_dir: Path, config: dict, device: torch.device) -> _Stat
     try:
         tensors = st_load(data)
         header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
     except (SafetensorError, ValueError, UnicodeDecodeError, Exception) as err:
         raise CheckpointError(f"{path} is corrupt or not a safetensors file ({err}); delete it to start over") from err
+    if meta.get("format") == "mctlib-distill-checkpoint-v1":
+        raise CheckpointError(f"{path} was written by an older mctlib without a checksum, so it cannot be verified; "
+                              "start the run again in another --out")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an mctlib distillation checkpoint (format {meta.get('format')!r})")
+    missing = [k for k in _CHECKPOINT_TENSORS if k not in tensors] + [k for k in ("config", "state", "checksum")
+                                                                       if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} lacks the field(s) {missing}; it is damaged: delete it to start over")
+    bad = [k for k in ("images", "alpha", "img_velocity", "lr_velocity")
+           if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all()]
+    if bad:
+        # Checked before the checksum: this is the more specific diagnosis. mctlib never writes such a
+        # checkpoint (a diverging run keeps its last finite state), so it was altered or damaged.
+        raise CheckpointError(f"{path} holds non-finite values (NaN/Inf in {', '.join(bad)}), so it cannot be "
+                              "resumed; it was altered or damaged: restore a copy or delete it to start over")
+    if meta["checksum"] != _checkpoint_checksum(tensors, meta["config"], meta["state"]):
+        raise CheckpointError(f"{path} fails its checksum: its tensors or state were altered or damaged after it "
+                              "was written; restore a copy or delete it to start over")
     saved = json.loads(meta["config"])
     diff = _config_diff(saved, config)
     if diff:
         raise CheckpointError(f"{path} belongs to a run with another configuration: {diff}; "
                               "resume with the same settings or choose another --out")
     info = json.loads(meta["state"])
+    expected = _images_shape(config)
+    for name in ("images", "img_velocity"):
+        if tuple(tensors[name].shape) != expected:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, the run's configuration "
+                                  f"implies {expected}; it does not belong to this run")
     gen = torch.Generator()
     gen.set_state(tensors["rng"])
     images = tensors["images"].to(device)
-    return _State(images, tensors["labels"].to(device), tensors["alpha"].to(device).reshape(()),
-                  tensors["img_velocity"].to(device), tensors["lr_velocity"].to(device).reshape(()), gen,
-                  info["iteration"], info["log"], info["evals"])
+    state = _State(images, tensors["labels"].to(device), tensors["alpha"].to(device).reshape(()),
+                   tensors["img_velocity"].to(device), tensors["lr_velocity"].to(device).reshape(()), gen,
+                   info["iteration"], info["log"], info["evals"], info.get("changes", []))
+    for name in STEP_SIZE_CHANGES:
+        before, now = saved["distill"][name], config["distill"][name]
+        if before != now:
+            state.changes.append({"iteration": state.iteration, "field": name, "from": before, "to": now})
+    return state
+
+
+def _images_shape(config: dict) -> tuple[int, ...]:
+    d = config["dataset"]
+    return (config["distill"]["ipc"] * d["num_classes"], d["channels"], *d["image_size"])
 
 
 def _config_diff(saved: dict, now: dict, prefix: str = "") -> str:
@@ -164,9 +236,25 @@ def _config_diff(saved: dict, now: dict, prefix: str = "") -> str:
             sub = _config_diff(a, b, f"{prefix}{key}.")
             if sub:
                 out.append(sub)
-        elif a != b and key not in RESUMABLE_CHANGES:
+        elif a != b and key not in RESUMABLE_CHANGES and f"{prefix}{key}" not in ("distill.lr_img", "distill.lr_lr"):
             out.append(f"{prefix}{key}: checkpoint {a!r} vs now {b!r}")
     return "; ".join(out)
+
+
+def _start_or_resume(run_dir: Path, config: dict, device: torch.device) -> _State | None:
+    """The checkpoint's state; None when a run was stopped before its first checkpoint (nothing of it
+    is kept, so it starts from the beginning) after checking its config.json is this run's."""
+    if (run_dir / CHECKPOINT).exists() or not (run_dir / "config.json").exists():
+        return _load_checkpoint(run_dir, config, device)
+    try:
+        on_disk = json.loads((run_dir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{run_dir / 'config.json'} is corrupt ({err}); choose another --out") from err
+    diff = _config_diff({k: on_disk.get(k) for k in config}, config).replace("checkpoint ", "config.json ")
+    if diff:
+        raise CheckpointError(f"{run_dir} holds the start of a run with another configuration: {diff}; "
+                              "resume with the same settings or choose another --out")
+    return None
 
 
 def _save_synthetic(path: Path, images: torch.Tensor, labels: torch.Tensor, alpha: float, info: dict) -> None:
@@ -209,11 +297,15 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
                                   "or choose another run directory")
         run_dir.mkdir(parents=True, exist_ok=True)
 
+    state = None
     if resume:
         if run_dir is None:
             raise ValueError("resume needs the run directory of the run to continue")
-        state = _load_checkpoint(run_dir, config, device)
-    else:
+        state = _start_or_resume(run_dir, config, device)
+    if run_dir is not None:  # temporary files of a write that a kill interrupted
+        for leftover in [*run_dir.glob(".*.safetensors.*.tmp"), *run_dir.glob(".*.json.*.tmp")]:
+            leftover.unlink(missing_ok=True)
+    if state is None:
         images, labels = initial_synthetic(dataset, cfg)
         images = images.to(device)
         state = _State(images, labels.to(device), torch.tensor(cfg.lr_teacher, device=device),
@@ -230,6 +322,7 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
     sampling = cfg.resolved_sampling
     best = max(evaluated(state.evals), key=lambda e: e["mean"], default=None)
     warned = any(entry["alpha"] <= 0 for entry in state.log)
+    data_rms = _rms(dataset.train_images)
 
     def evaluate_now(it: int) -> None:
         nonlocal best
@@ -278,12 +371,14 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
             state.lr_velocity.mul_(cfg.momentum).add_(alpha.grad)
             state.images = (images - cfg.lr_img * state.img_velocity).detach()
             state.alpha = (alpha - cfg.lr_lr * state.lr_velocity).detach()
-        cause = _divergence(result.loss, state.images, float(state.alpha), cfg)
+        cause, to_lower = _divergence(result.loss, state.images, float(state.alpha), cfg, data_rms, state.log)
         if cause:
             if run_dir is not None:
                 _save_checkpoint(run_dir, good, config)
-            where = f"; the last good state (iteration {good.iteration}) is saved in {run_dir / CHECKPOINT}" if run_dir else ""
-            raise DivergenceError(f"distillation diverged at iteration {it}: {cause}{where}")
+            suggested = float(f"{getattr(cfg, to_lower) / 10:.3g}")
+            where = (f"; the last good state (iteration {good.iteration}) is saved in {run_dir / CHECKPOINT}: "
+                     f"resume it with a lower {to_lower}, e.g. {suggested:g}" if run_dir else "")
+            raise DivergenceError(f"distillation diverged at iteration {it}: {cause}{where}", to_lower, suggested)
         state.iteration = it
         seconds = time.perf_counter() - tick
         alpha_now = float(state.alpha)
@@ -312,15 +407,34 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
                          best, config)
 
 
-def _divergence(loss: float, images: torch.Tensor, alpha: float, cfg: DistillConfig) -> str | None:
-    if not math.isfinite(loss):
-        return (f"the matching loss is {loss} (alpha = {alpha:.3g}); lr_img = {cfg.lr_img:g} is probably too high, "
-                f"or lr_lr = {cfg.lr_lr:g} if alpha ran away")
-    if not torch.isfinite(images).all():
-        return f"the synthetic images hold NaN/Inf; lower lr_img (now {cfg.lr_img:g})"
+def _divergence(loss: float, images: torch.Tensor, alpha: float, cfg: DistillConfig, data_rms: float,
+                log: list[dict]) -> tuple[str | None, str]:
+    """(what went wrong, the step size to lower), or (None, "") for a healthy iteration."""
+    # alpha far from where it started means lr_lr moved it; otherwise the image step is to blame.
+    alpha_ran = not math.isfinite(alpha) or abs(alpha) > 100 * cfg.lr_teacher
+    field = "lr_lr" if alpha_ran else "lr_img"
     if not math.isfinite(alpha):
-        return f"the learned lr alpha is {alpha}; lower lr_lr (now {cfg.lr_lr:g})"
-    return None
+        return f"the learned lr alpha is {alpha}; lr_lr = {cfg.lr_lr:g} is too high", "lr_lr"
+    if not math.isfinite(loss):
+        return (f"the matching loss is {loss} (alpha = {alpha:.3g}); {field} = {getattr(cfg, field):g} "
+                "is probably too high"), field
+    if not torch.isfinite(images).all():
+        return f"the synthetic images hold NaN/Inf; lower lr_img (now {cfg.lr_img:g})", "lr_img"
+    rms = _rms(images.detach())
+    if rms > RUNAWAY_PIXEL_RMS * data_rms:
+        return (f"the synthetic images ran away (pixel RMS {rms:.3g}, {rms / data_rms:.3g} times the real data's); "
+                f"lower lr_img (now {cfg.lr_img:g})"), "lr_img"
+    first = sorted(entry["loss"] for entry in log[:10])
+    if first and loss > RUNAWAY_LOSS * first[len(first) // 2]:
+        return (f"the matching loss ran away ({loss:.3g}, {loss / first[len(first) // 2]:.3g} times its median "
+                f"over the run's first iterations; alpha = {alpha:.3g}); lower {field} (now "
+                f"{getattr(cfg, field):g})"), field
+    return None, ""
+
+
+def _rms(x: torch.Tensor) -> float:
+    """Root mean square of all entries (a norm reduction: no squared copy of a large training set)."""
+    return float(torch.linalg.vector_norm(x)) / math.sqrt(max(x.numel(), 1))
 
 
 def evaluated(evals: list[dict]) -> list[dict]:
@@ -338,5 +452,5 @@ def _write_metrics(run_dir: Path, state: _State, best: dict | None, config: dict
         "seconds_per_iteration_median": sorted(seconds)[len(seconds) // 2] if seconds else None,
         "evals": state.evals, "best": best, "final": ran[-1] if ran else None,
         "skipped_evals": [e for e in state.evals if "skipped" in e],
-        "log": state.log, "seed": config["distill"]["seed"],
+        "log": state.log, "seed": config["distill"]["seed"], "step_size_changes": state.changes,
     })

@@ -7,6 +7,7 @@ vmapped ensemble. The random-real and full-data baselines go through the same fu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ def eval_net_config(net: NetConfig, arch: str) -> NetConfig:
 def train_and_test(images: torch.Tensor, labels: torch.Tensor, lr: float, dataset: Dataset, net: NetConfig,
                    cfg: EvalConfig, device=None, progress=None) -> list[EvalResult]:
     """Train cfg.num_eval fresh networks per architecture on (images, labels); test on dataset's test split."""
+    check_training_set(images, labels, lr, net)
     device = resolve_device(device)
     images, labels = images.detach().to(device), labels.to(device)
     test_x, test_y = dataset.test_images.to(device), dataset.test_labels.to(device)
@@ -74,11 +76,29 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, lr: float, datase
     return results
 
 
+def check_training_set(images: torch.Tensor, labels: torch.Tensor, lr: float, net: NetConfig) -> None:
+    """Refuse, before training, a set the network cannot learn from: one ValueError line naming what is wrong."""
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"learning rate {lr} must be a finite number > 0 (a negative one ascends the loss)")
+    want = (net.channels, net.image_size, net.image_size)
+    if images.dim() != 4 or tuple(images.shape[1:]) != want:
+        raise ValueError(f"the images have shape {tuple(images.shape)}; the network takes (N, {want[0]}, {want[1]}, "
+                         f"{want[2]}): {want[0]} channel(s) of {want[1]}x{want[2]} pixels")
+    if not images.is_floating_point() or not torch.isfinite(images).all():
+        raise ValueError("the images must be finite floating-point values")
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
+        raise ValueError(f"the labels must be {images.shape[0]} integers, one per image; got shape "
+                         f"{tuple(labels.shape)} of {labels.dtype}")
+    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < net.num_classes):
+        raise ValueError(f"the labels run from {int(labels.min())} to {int(labels.max())}; the network has "
+                         f"{net.num_classes} classes (0 .. {net.num_classes - 1})")
+
+
 def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, alpha: float, dataset: Dataset, net: NetConfig,
                        cfg: EvalConfig, device=None) -> list[EvalResult]:
     """Accuracy of networks trained on a distilled set with its learned lr alpha."""
-    if not alpha > 0:
-        raise ValueError(f"learned lr alpha = {alpha} must be positive to train on the synthetic set")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"learned lr alpha = {alpha} must be a finite positive number to train on the synthetic set")
     return train_and_test(images, labels, alpha, dataset, net, cfg, device)
 
 

@@ -17,7 +17,7 @@ from .config import ExpertConfig
 from .data import Dataset
 from .device import resolve_device
 from .networks import FlatModel, NetConfig, build_network
-from .storage import TrajectoryStore, load_store, save_store
+from .storage import TrajectoryStore, check_destination, load_store, save_store
 from .training import SGDRecipe, accuracy, derive_seed, train_networks
 from .trajectories import ConvexRecorder, FullBuffer
 
@@ -30,6 +30,8 @@ def init_seed(cfg: ExpertConfig, index: int) -> int:
 def train_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, device=None, ensemble_size: int = 8,
                   progress: bool = False) -> tuple[list, list[int], dict]:
     """Train cfg.num_experts experts; returns (records, init seeds, stats with test accuracies and seconds)."""
+    if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
+        raise ValueError(f"ensemble_size = {ensemble_size!r} must be an integer >= 1")
     device = resolve_device(device)
     model = FlatModel(build_network(net)).to(device)
     images, labels = dataset.train_images.to(device), dataset.train_labels.to(device)
@@ -68,17 +70,18 @@ def train_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, device=No
     if bar:
         bar.close()
     seconds = time.perf_counter() - start
-    return records, seeds, {"test_accuracy": accs, "seconds": seconds,
+    return records, seeds, {"test_accuracy": accs, "seconds": seconds, "ensemble_size": ensemble_size,
                             "experts_per_minute": 60 * cfg.num_experts / seconds}
 
 
 def make_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, out: str | Path, device=None,
-                 progress: bool = False, overwrite: bool = False) -> TrajectoryStore:
+                 progress: bool = False, overwrite: bool = False, ensemble_size: int = 8) -> TrajectoryStore:
     """Train experts and write their store to `out` (refuses to overwrite an existing store)."""
     out = Path(out)
     if (out / "manifest.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a trajectory store; choose another --out, or load it with load_store")
-    records, seeds, stats = train_experts(dataset, net, cfg, device, progress=progress)
+    check_destination(out)  # before training: a folder that cannot be written would lose it all
+    records, seeds, stats = train_experts(dataset, net, cfg, device, ensemble_size=ensemble_size, progress=progress)
     save_store(out, records, net, dataset.describe(), cfg.to_dict(), seeds, store_theta0=cfg.store_theta0,
                extra={"stats": stats, "beta_schedule": cfg.beta_schedule if cfg.record == "convex" else None,
                       "smooth": cfg.smooth if cfg.record == "convex" else None}, overwrite=overwrite)

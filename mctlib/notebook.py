@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,9 @@ def cached_experts(dataset, net, expert_cfg, root: str | Path = "runs", device=N
     if (path / "manifest.json").exists():
         return load_store(path, net=net, dataset=desc)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".experts-"))
+    remove_abandoned_folders(root)
+    # The folder names its host and process, so a later call can tell one a kill abandoned.
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".experts-{socket.gethostname()}-{os.getpid()}-"))
     try:
         make_experts(dataset, net, expert_cfg, tmp, device=device, progress=progress, overwrite=True)
         try:
@@ -145,6 +148,30 @@ def cached_experts(dataset, net, expert_cfg, root: str | Path = "runs", device=N
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return load_store(path, net=net, dataset=desc)
+
+
+def remove_abandoned_folders(root: Path) -> list[Path]:
+    """Remove the `.experts-HOST-PID-*` folders of `cached_experts` calls on this host whose process is
+    gone (killed before it could clean up); a live process's folder is left alone. Returns those removed."""
+    removed = []
+    prefix = f".experts-{socket.gethostname()}-"
+    for folder in Path(root).glob(".experts-*"):
+        pid = folder.name[len(prefix):].split("-", 1)[0] if folder.name.startswith(prefix) else ""
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def resolve_runs_dir(runs_dir: str = "") -> Path:

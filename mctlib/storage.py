@@ -33,8 +33,48 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+# The manifest fields that decide what a store computes; its "checksum" covers them, so a hand edit
+# (say, waypoint_epochs) is refused instead of silently changing every run that matches the store.
+CHECKSUMMED = ("format", "format_version", "kind", "net", "dataset", "recipe", "num_params", "layers", "epochs",
+               "theta0", "experts", "waypoint_epochs")
+
+
 class StoreError(RuntimeError):
     """A trajectory store that cannot be used as asked (corrupt, foreign, or mismatched)."""
+
+
+class DestinationError(RuntimeError):
+    """An output folder that cannot be written (checked before any work starts)."""
+
+
+def check_destination(path: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output folder that is a file or lies where nothing can be written.
+
+    Writes and removes a probe file in the folder, or in its nearest existing parent, because
+    permission bits alone do not say it (root, read-only mounts, ACLs)."""
+    if not str(path).strip():  # Path("") is the current folder: an empty --out would write there
+        raise DestinationError(f"{flag} {str(path)!r} names no folder; give the folder to write in, e.g. {flag} runs/x")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DestinationError(f"{flag} {path} is an existing file, not a folder; choose another {flag}")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DestinationError(f"{flag} {path} cannot be created: {probe} is a file; choose another {flag}")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".mctlib-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise DestinationError(f"{flag} {path}: cannot write in {probe} ({err.strerror}); choose another {flag} "
+                               "or make it writable") from err
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """SHA-256 of the manifest's computation-deciding fields (`CHECKSUMMED`), in canonical JSON."""
+    fields = {k: manifest[k] for k in CHECKSUMMED if k in manifest}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -109,6 +149,9 @@ def save_store(path: str | Path, records: list, net: NetConfig, dataset: dict, r
         raise ValueError("a store holds one record kind; got " + ", ".join(k.__name__ for k in kinds))
     kind = "full" if kinds == {FullBuffer} else "convex"
     model = FlatModel(build_network(net))
+    if path.is_dir():  # half-written temporary files of a write that a kill interrupted
+        for leftover in [*path.glob(".expert_*.safetensors.*.tmp"), *path.glob(f".{MANIFEST}.*.tmp")]:
+            leftover.unlink(missing_ok=True)
     experts = []
     for i, (record, seed) in enumerate(zip(records, init_seeds, strict=True)):
         theta0 = record.params[0] if kind == "full" else record.waypoints[0]
@@ -127,6 +170,7 @@ def save_store(path: str | Path, records: list, net: NetConfig, dataset: dict, r
     }
     if kind == "convex":
         manifest["waypoint_epochs"] = list(first.waypoint_epochs)
+    manifest["checksum"] = manifest_checksum(manifest)
     atomic_write_json(path / MANIFEST, manifest)
     return path
 
@@ -144,7 +188,76 @@ def read_manifest(path: str | Path) -> dict:
         raise StoreError(f"{file} is not an mctlib trajectory manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise StoreError(f"{file} has format_version {manifest.get('format_version')}; this mctlib reads {FORMAT_VERSION}")
+    validate_manifest(manifest, file)
+    if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):
+        raise StoreError(f"{file} was edited or damaged: its checksum does not match its fields "
+                         f"({', '.join(k for k in CHECKSUMMED if k in manifest)}); undo the edit or re-create the "
+                         "store with `mctlib experts`")
+    # A manifest without "checksum" was written before stores carried one: validated, not verifiable.
     return manifest
+
+
+def validate_manifest(manifest: dict, file: Path) -> None:
+    """Check every field a load reads, with one line naming the first bad one (no KeyError later)."""
+    from .trajectories import waypoint_epochs
+
+    def bad(field: str, why: str) -> None:
+        value = json.dumps(manifest.get(field, "<missing>")) if "." not in field else ""
+        value = value if len(value) <= 60 else value[:57] + "..."
+        raise StoreError(f"{file}: field {field}{' = ' + value if value else ''} is invalid: {why}; "
+                         "undo the edit or re-create the store with `mctlib experts`")
+
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_hex64(x) -> bool:
+        return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
+
+    if manifest.get("kind") not in ("full", "convex"):
+        bad("kind", "must be 'full' or 'convex'")
+    if not isinstance(manifest.get("net"), dict):
+        bad("net", "must be an object of network settings")
+    try:
+        NetConfig.from_dict(manifest["net"])
+    except (ValueError, TypeError) as err:
+        bad("net", str(err))
+    dataset = manifest.get("dataset")
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("name"), str):
+        bad("dataset", "must be an object with the dataset's name, image_size, channels and num_classes")
+    size = dataset.get("image_size", [1, 1])  # the facts a Dataset.describe() gives; compared where present
+    if not (isinstance(size, list) and len(size) == 2 and all(is_int(v) and v > 0 for v in size)):
+        bad("dataset.image_size", "must be [height, width], two positive integers")
+    for key in ("channels", "num_classes"):
+        if not (is_int(dataset.get(key, 1)) and dataset.get(key, 1) > 0):
+            bad(f"dataset.{key}", "must be a positive integer")
+    if not isinstance(manifest.get("recipe"), dict):
+        bad("recipe", "must be an object (the expert recipe)")
+    if not (is_int(manifest.get("num_params")) and manifest["num_params"] > 0):
+        bad("num_params", "must be a positive integer")
+    epochs = manifest.get("epochs")
+    if not (is_int(epochs) and epochs > 0):
+        bad("epochs", "must be a positive integer")
+    if manifest.get("theta0") not in ("stored", "seed"):
+        bad("theta0", "must be 'stored' or 'seed'")
+    experts = manifest.get("experts")
+    if not (isinstance(experts, list) and experts):
+        bad("experts", "must be a non-empty list")
+    for i, e in enumerate(experts):
+        name = e.get("file") if isinstance(e, dict) else None
+        if not (isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")):
+            bad(f"experts[{i}].file", "must be a file name inside the store")
+        if not (is_int(e.get("init_seed")) and is_int(e.get("bytes")) and e["bytes"] >= 0):
+            bad(f"experts[{i}].init_seed/bytes", "must be integers")
+        if not (is_hex64(e.get("sha256")) and is_hex64(e.get("theta0_sha256"))):
+            bad(f"experts[{i}].sha256/theta0_sha256", "must be SHA-256 hex digests")
+    if manifest["kind"] == "convex":
+        w = manifest.get("waypoint_epochs")
+        if not (isinstance(w, list) and len(w) >= 2 and all(is_int(v) for v in w)):
+            bad("waypoint_epochs", "must be a list of at least 2 integer epochs")
+        if not 2 <= len(w) <= epochs + 1 or list(waypoint_epochs(epochs, len(w))) != w:
+            # The recorder places K waypoints by one rule; any other list is not what was recorded.
+            expected = list(waypoint_epochs(epochs, len(w))) if 2 <= len(w) <= epochs + 1 else "2..E+1 entries"
+            bad("waypoint_epochs", f"with epochs = {epochs} and K = {len(w)} waypoints it must be {expected}")
 
 
 def check_match(manifest: dict, net: NetConfig | None, dataset: dict | None, path: Path) -> None:
@@ -172,6 +285,9 @@ def load_store(path: str | Path, net: NetConfig | None = None, dataset: dict | N
     check_match(manifest, net, dataset, path)
     stored_net = NetConfig.from_dict(manifest["net"])
     model = FlatModel(build_network(stored_net))
+    if manifest["num_params"] != model.numel:
+        raise StoreError(f"{path / MANIFEST}: field num_params = {manifest['num_params']} is invalid: its net has "
+                         f"{model.numel} parameters; undo the edit or re-create the store with `mctlib experts`")
     records = []
     for entry in manifest["experts"][:limit]:
         file = path / entry["file"]
@@ -186,9 +302,23 @@ def load_store(path: str | Path, net: NetConfig | None = None, dataset: dict | N
         except (SafetensorError, Exception) as err:
             raise StoreError(f"{file} is not a readable safetensors file ({err})") from err
         first_key = "params" if manifest["kind"] == "full" else "waypoints"
-        head = tensors[first_key]
+        head = tensors.get(first_key)
+        if head is None or head.dim() != 2:
+            raise StoreError(f"{file} holds no 2-D tensor {first_key!r}; re-create it with `mctlib experts`")
         if head.shape[-1] != model.numel:
             raise StoreError(f"{file} holds vectors of {head.shape[-1]} parameters; the network has {model.numel}")
+        rows = (manifest["epochs"] + 1 if manifest["kind"] == "full" else len(manifest["waypoint_epochs"]))
+        rows -= manifest["theta0"] == "seed"
+        if head.shape[0] != rows:
+            field = "epochs" if manifest["kind"] == "full" else "waypoint_epochs"
+            raise StoreError(f"{file} holds {head.shape[0]} {first_key} vectors, the manifest's {field} implies {rows}; "
+                             "the manifest does not describe this file")
+        if manifest["kind"] == "convex":
+            beta = tensors.get("beta")
+            want = (manifest["epochs"] + 1, len(model.layer_slices))
+            if beta is None or tuple(beta.shape) != want:
+                raise StoreError(f"{file}: beta has shape {None if beta is None else tuple(beta.shape)}, the manifest's "
+                                 f"epochs = {manifest['epochs']} and the network imply {want}")
         if manifest["theta0"] == "seed":
             theta0 = theta0_from_seed(stored_net, entry["init_seed"])
             if tensor_sha256(theta0) != entry["theta0_sha256"]:

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from mctlib.networks import FlatModel, NetConfig, build_network
-from mctlib.storage import MANIFEST, StoreError, load_store, save_store
+from mctlib.storage import MANIFEST, StoreError, load_store, manifest_checksum, save_store
 from mctlib.trajectories import ConvexRecord, FullBuffer, convexify
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,6 +79,10 @@ def read_header(file: Path) -> dict:
 
 
 def write_manifest(path: Path, manifest) -> None:
+    """Rewrite a manifest with its checksum recomputed, as a deliberate edit would, so that the checks
+    behind the checksum are what these tests exercise (test_integrity.py: edits without it)."""
+    if isinstance(manifest, dict) and "checksum" in manifest:
+        manifest = {**manifest, "checksum": manifest_checksum(manifest)}
     (path / MANIFEST).write_text(json.dumps(manifest))
 
 
