@@ -135,6 +135,16 @@ def window_fidelity(reference, record, expert_epochs: float, starts: Sequence[fl
                           loss=(v_rec - v_ref).pow(2).sum(-1) / ref_norm.pow(2).clamp_min(1e-300))
 
 
+def prediction_losses(prediction: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """||V_S - V_T||^2 / ||V_T||^2 of one fixed prediction V_S (D,) against each target row of (R, D).
+
+    Against targets redrawn under SGD noise, the mean is at least the noise floor, reached by
+    predicting their mean; how far above it a candidate target (a convexified record's V_T, say)
+    lands says how much further from SGD it is than SGD's own redraws."""
+    t = targets.double()
+    return (prediction.double().reshape(1, -1) - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-300)
+
+
 def span_rank(vectors: torch.Tensor, rtol: float = 1e-4) -> int:
     """Numerical rank of the rows of an (X, D) tensor: singular values above rtol times the largest.
 

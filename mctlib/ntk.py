@@ -389,11 +389,14 @@ def eigen_components(ntk: torch.Tensor | Spectrum, f0: torch.Tensor, y: torch.Te
 @dataclass
 class ClassStructure:
     """How close Θ0 is to K ⊗ I_C: one input-by-input kernel K, the same for every class, and no
-    coupling between different classes' outputs (the structure of a last linear layer's NTK)."""
+    coupling between different classes' outputs (the structure of a last linear layer's NTK); and to
+    the nearest K' ⊗ B, which lets the class outputs couple through one C x C matrix B."""
 
     kernel: torch.Tensor          # (N, N) K, the Frobenius-nearest K with Θ0 ≈ K ⊗ I_C
     residual: float               # ‖Θ0 − K ⊗ I_C‖_F / ‖Θ0‖_F
     kernel_eigvals: torch.Tensor  # (N,) eigenvalues of K, descending; each is C-fold in K ⊗ I_C
+    coupling: torch.Tensor        # (C, C) B of the nearest Kronecker product Θ0 ≈ K' ⊗ B (any B), trace C
+    kron_residual: float          # ‖Θ0 − K' ⊗ B‖_F / ‖Θ0‖_F for that nearest product
 
 
 def class_structure(ntk: torch.Tensor, num_classes: int) -> ClassStructure:
@@ -402,7 +405,9 @@ def class_structure(ntk: torch.Tensor, num_classes: int) -> ClassStructure:
     The nearest K in Frobenius norm is the mean of the diagonals of the C × C blocks
     (`sample_kernel`): each block's best multiple of I_C. If the residual is small, the eigenvalues
     of Θ0 come in near-degenerate groups of C, each λ_j(K) repeated once per class, and an
-    eigenvector inside such a group is fixed only up to a rotation of the group.
+    eigenvector inside such a group is fixed only up to a rotation of the group. With a general B,
+    the eigenvalues of K' ⊗ B are the products λ_i(K') μ_j(B): a dominant λ_1(K') gives a group of C
+    led by it, spread by B's spectrum.
     """
     n = ntk.shape[0] // num_classes
     if ntk.shape != (n * num_classes, n * num_classes):
@@ -412,7 +417,15 @@ def class_structure(ntk: torch.Tensor, num_classes: int) -> ClassStructure:
     fitted = torch.kron(kernel, torch.eye(num_classes, dtype=theta.dtype))
     residual = float((theta - fitted).norm() / theta.norm().clamp_min(1e-300))
     eig = torch.linalg.eigvalsh(kernel).flip(0)
-    return ClassStructure(kernel=kernel, residual=residual, kernel_eigvals=eig)
+    # Nearest Kronecker product with any class coupling B (Van Loan and Pitsianis): rearrange Θ0 so
+    # that each C x C block is one row; the best K' ⊗ B is its leading singular pair.
+    rows = theta.reshape(n, num_classes, n, num_classes).permute(0, 2, 1, 3).reshape(n * n, num_classes ** 2)
+    u, sv, vh = torch.linalg.svd(rows, full_matrices=False)
+    coupling = vh[0].reshape(num_classes, num_classes)
+    coupling = coupling * (num_classes / coupling.trace())  # fix the free scale (and sign): trace B = C
+    kron_residual = float((1 - sv[0] ** 2 / sv.pow(2).sum()).clamp_min(0).sqrt())
+    return ClassStructure(kernel=kernel, residual=residual, kernel_eigvals=eig, coupling=coupling,
+                          kron_residual=kron_residual)
 
 
 def chord_coordinates(path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

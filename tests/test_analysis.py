@@ -16,6 +16,7 @@ from mctlib.analysis import (
     pairwise_cosines,
     path_straightness,
     pca_projection,
+    prediction_losses,
     record_points,
     relative_spread,
     resampled_update_vectors,
@@ -354,3 +355,14 @@ def test_accuracy_drops_with_a_threshold():
     assert torch.allclose(accuracy_drops(acc), torch.tensor([0.5, 0.0], dtype=torch.float64))
     # a drop of 0.01 (one image in a hundred) is not counted at a threshold of 0.02
     assert torch.allclose(accuracy_drops(acc, 0.02), torch.tensor([0.25, 0.0], dtype=torch.float64))
+
+
+def test_prediction_losses_hand_computed_and_smallest_near_the_mean():
+    targets = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    losses = prediction_losses(torch.tensor([1.0, 1.0]), targets)
+    assert torch.allclose(losses, torch.tensor([1.0 / 1.0, 2.0 / 4.0], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([3.0, -1.0, 2.0]) + 0.1 * torch.randn(50, 3, generator=g)
+    at_mean = prediction_losses(draws.mean(0), draws).mean()
+    assert at_mean < prediction_losses(draws.mean(0) * 1.2, draws).mean()
+    assert at_mean < prediction_losses(draws[0], draws).mean()

@@ -233,6 +233,14 @@ def test_class_structure_recovers_a_kronecker_kernel_and_measures_the_rest():
     fit = class_structure(exact + extra, c)
     assert torch.allclose(fit.kernel, k)
     assert fit.residual == pytest.approx(float(extra.norm() / (exact + extra).norm()))
+    # a Kronecker product with a coupled B is fitted exactly by the general form, not by K ⊗ I_C
+    b = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 0.5]], dtype=torch.float64)
+    coupled = torch.kron(k, b)
+    fit = class_structure(coupled, c)
+    assert fit.kron_residual == pytest.approx(0.0, abs=1e-7)
+    assert torch.allclose(fit.coupling, b * (c / b.trace()), atol=1e-8)
+    assert fit.residual > 0.1
+    assert class_structure(exact, c).kron_residual == pytest.approx(0.0, abs=1e-7)
     # on a real network's NTK the fit is the class-averaged sample kernel
     model, theta, x = _convnet(torch.float64)
     ntk = empirical_ntk(model, theta, x)
