@@ -345,11 +345,6 @@ class EigenProgress:
     progress: torch.Tensor   # (T, K)
     start: torch.Tensor | None = None  # (K,) ⟨v_i, f0 − Y⟩, the denominator of p_i
 
-    def reversal(self) -> torch.Tensor:
-        """(K,) the largest backward move of each curve, max_t (max_{s≤t} p_i(s) − p_i(t)): 0 when it
-        never goes back (monotone), > 0 when it oscillates."""
-        return (self.progress.cummax(0).values - self.progress).max(0).values
-
     def backtrack(self) -> torch.Tensor:
         """(K,) how much of each curve's movement is undone: B / F, where F sums the steps that go the
         way the curve ends up going (sign of p_i(T) − p_i(0)) and B the steps against it.

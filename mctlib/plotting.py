@@ -85,16 +85,6 @@ def waypoint_loss_and_target_norm(losses: torch.Tensor, starts, target_norms: to
     return fig
 
 
-def waypoint_loss_map(losses: torch.Tensor, starts):
-    """The matching loss of one synthetic set at each (expert, start) waypoint: its 'training loss'."""
-    fig, ax = new_figure(1, width=5.0, height=2.6)
-    im = ax.imshow(losses.numpy(), aspect="auto", cmap="viridis")
-    ax.set(xticks=range(len(starts)), xticklabels=[f"{s:g}" for s in starts], yticks=range(losses.shape[0]),
-           xlabel=r"start epoch s of the waypoint $(\theta_s, V_T)$", ylabel="expert")
-    fig.colorbar(im, ax=ax, label=r"$\|V_S - V_T\|^2 / \|V_T\|^2$")
-    return fig
-
-
 def accuracy_along_sgd(epoch_acc: torch.Tensor, step_epochs: torch.Tensor, step_acc: torch.Tensor):
     """(a) test accuracy of every expert checkpoint theta_e; (b) after every minibatch of one SGD run."""
     fig, axes = new_figure(2, width=4.2)

@@ -125,7 +125,7 @@ def test_closed_form_matches_discrete_linearised_gd_for_small_lr():
     # linear-model eigen-components move monotonically
     prog = eigen_components(ntk, f0, labels, run.lin_logits, k=5)
     assert prog.progress.shape == (len(run.steps), 5)
-    assert torch.all(prog.reversal() < 1e-9)
+    assert torch.all(prog.backtrack() < 1e-9)
     assert torch.all(prog.progress[0].abs() < 1e-9)
 
 
