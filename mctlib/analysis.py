@@ -82,15 +82,115 @@ def relative_spread(vectors: torch.Tensor) -> float:
     return float((v - v.mean(0)).pow(2).sum(-1).mean() / v.pow(2).sum(-1).mean())
 
 
+def noise_floor(vectors: torch.Tensor) -> float:
+    """The noise floor of the objective, E||V - E V||^2 / E||V||^2, estimated without small-sample bias.
+
+    `relative_spread` centres the R draws on their own mean, which sits closer to them than the
+    true mean does: its numerator has expectation (R - 1)/R times E||V - E V||^2 (3/4 of it for
+    R = 4). Dividing the squared deviations by R - 1 instead of R removes that bias; the
+    denominator, a plain mean of ||V_r||^2, is already unbiased. Needs R >= 2 rows.
+    """
+    if vectors.dim() != 2 or vectors.shape[0] < 2:
+        raise ValueError(f"need an (R, D) tensor with R >= 2 draws, got {tuple(vectors.shape)}")
+    v = vectors.double()
+    r = v.shape[0]
+    spread = (v - v.mean(0)).pow(2).sum() / (r - 1)
+    return float(spread / v.pow(2).sum(-1).mean())
+
+
+def update_vectors_at(record, expert_epochs: float, starts: Sequence[float]) -> torch.Tensor:
+    """V_T(tau) = theta(min(tau + M, E)) - theta(tau) of a FullBuffer (integer tau only) or a
+    ConvexRecord (any real tau): the matching targets the sampler hands the student; (len(starts), D)."""
+    end = float(record.epochs)
+    return torch.stack([record.point(min(float(t) + float(expert_epochs), end)) - record.point(float(t))
+                        for t in starts])
+
+
+@dataclass
+class WindowFidelity:
+    """How well one record's matching targets stand in for another's, window by window."""
+
+    starts: torch.Tensor      # (S,) tau_s of each window
+    cosine: torch.Tensor      # (S,) cos(V_record, V_reference)
+    norm_ratio: torch.Tensor  # (S,) ||V_record|| / ||V_reference||
+    loss: torch.Tensor        # (S,) ||V_record - V_reference||^2 / ||V_reference||^2
+
+
+def window_fidelity(reference, record, expert_epochs: float, starts: Sequence[float]) -> WindowFidelity:
+    """Compare the update vectors V_T of `record` with those of `reference` over the same windows.
+
+    This is fidelity where the method acts: the student never sees a point of the trajectory, only
+    a window's V_T. `loss` is the matching loss a student would still pay against the reference's
+    target if it reproduced the record's target exactly (the objective's own units, comparable
+    with `noise_floor`); cosine and norm ratio split it into direction and length.
+    """
+    if record.epochs != reference.epochs:
+        raise ValueError(f"record covers {record.epochs} epochs, the reference {reference.epochs}")
+    v_ref = update_vectors_at(reference, expert_epochs, starts).double()
+    v_rec = update_vectors_at(record, expert_epochs, starts).double()
+    ref_norm = v_ref.norm(dim=-1)
+    return WindowFidelity(starts=torch.tensor([float(t) for t in starts], dtype=torch.float64),
+                          cosine=(_unit(v_ref) * _unit(v_rec)).sum(-1),
+                          norm_ratio=v_rec.norm(dim=-1) / ref_norm.clamp_min(1e-300),
+                          loss=(v_rec - v_ref).pow(2).sum(-1) / ref_norm.pow(2).clamp_min(1e-300))
+
+
+def prediction_losses(prediction: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """||V_S - V_T||^2 / ||V_T||^2 of one fixed prediction V_S (D,) against each target row of (R, D).
+
+    Against targets redrawn under SGD noise, the mean is at least the noise floor, reached by
+    predicting their mean; how far above it a candidate target (a convexified record's V_T, say)
+    lands says how much further from SGD it is than SGD's own redraws."""
+    t = targets.double()
+    return (prediction.double().reshape(1, -1) - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-300)
+
+
+def span_rank(vectors: torch.Tensor, rtol: float = 1e-4) -> int:
+    """Numerical rank of the rows of an (X, D) tensor: singular values above rtol times the largest.
+
+    Counts how many independent directions a set of targets holds (computed from the X x X Gram
+    matrix in float64, so D may be large)."""
+    if vectors.dim() != 2 or vectors.shape[0] < 1:
+        raise ValueError(f"need an (X, D) tensor, got {tuple(vectors.shape)}")
+    v = vectors.double()
+    singular = torch.linalg.eigvalsh(v @ v.T).clamp_min(0).sqrt()
+    return int((singular > rtol * singular.max()).sum()) if singular.max() > 0 else 0
+
+
+def window_straightness(path: torch.Tensor, window: int) -> torch.Tensor:
+    """||p_{t+w} - p_t|| / sum_{j=t}^{t+w-1} ||p_{j+1} - p_j|| for each start t of a (T, D) path.
+
+    1 for a straight path, below 1 when steps partly undo each other. The resolution is the path's:
+    on epoch checkpoints it sees only the polyline through them, on every minibatch iterate it sees
+    the path SGD walked."""
+    w = int(window)
+    if path.dim() != 2 or not 1 <= w <= path.shape[0] - 1:
+        raise ValueError(f"window {window} must be an integer in [1, {path.shape[0] - 1}] for a path of "
+                         f"{path.shape[0]} points")
+    p = path.double()
+    chord = (p[w:] - p[:-w]).norm(dim=-1)
+    steps = (p[1:] - p[:-1]).norm(dim=-1)
+    cumulative = torch.cat([steps.new_zeros(1), steps.cumsum(0)])
+    return chord / (cumulative[w:] - cumulative[:-w]).clamp_min(1e-300)
+
+
+def accuracy_drops(acc: torch.Tensor, min_drop: float = 0.0) -> torch.Tensor:
+    """Fraction of consecutive steps along the last axis of `acc` where accuracy falls by more than
+    `min_drop` (same units as acc); shape acc.shape[:-1]. On a test set of n images one image is
+    1/n, so a threshold of a few images keeps single-image flips from counting as drops."""
+    if acc.shape[-1] < 2:
+        raise ValueError(f"need at least two points along the last axis, got {tuple(acc.shape)}")
+    return (acc.diff(dim=-1) < -float(min_drop)).double().mean(-1)
+
+
 def path_straightness(buffer: FullBuffer, expert_epochs: int) -> torch.Tensor:
     """||theta_{s+M} - theta_s|| / sum_{j=s}^{s+M-1} ||theta_{j+1} - theta_j|| for each start s.
 
-    1 for a straight path; below 1 when consecutive epochs partly undo each other."""
-    chord = update_vectors_along(buffer, expert_epochs).double().norm(dim=-1)
-    steps = (buffer.params[1:] - buffer.params[:-1]).double().norm(dim=-1)
-    cumulative = torch.cat([steps.new_zeros(1), steps.cumsum(0)])
-    m = int(expert_epochs)
-    return chord / (cumulative[m:] - cumulative[:-m]).clamp_min(1e-300)
+    1 for a straight path; below 1 when consecutive epochs partly undo each other. Measured on the
+    epoch checkpoints, so for M = 2 it sees a two-segment polyline, not the minibatch path (for that,
+    `window_straightness` on `sgd_step_path`)."""
+    update_vectors_along(buffer, expert_epochs)  # validates M
+    return window_straightness(buffer.params, int(expert_epochs))
 
 
 def resampled_update_vectors(model: FlatModel, theta_start: torch.Tensor, images: torch.Tensor,
@@ -128,21 +228,24 @@ def sgd_step_path(model: FlatModel, theta_start: torch.Tensor, images: torch.Ten
 
 def waypoint_losses(student: Student, images: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor,
                     records: Sequence, expert_epochs: float, starts: Sequence[float],
-                    plan: StudentPlan) -> torch.Tensor:
+                    plan: StudentPlan, student_norms: bool = False):
     """The matching loss of one synthetic set at every waypoint (theta_s, V_T) of every expert.
 
     Read as in chapter 1, the waypoints are the training set of the "model" S, and this is its
     loss on each training example; the same plan (minibatches, augmentation) is used throughout,
-    so S is one fixed function from theta_s to V_S. Shape (num_experts, len(starts)).
+    so S is one fixed function from theta_s to V_S. Shape (num_experts, len(starts)). With
+    `student_norms`, also returns ||V_S|| at each waypoint (same shape), from the same unrolls.
     """
     out = torch.empty(len(records), len(starts), dtype=torch.float64)
+    norms = torch.empty_like(out)
     for i, record in enumerate(records):
         for j, s in enumerate(starts):
             theta_start = record.point(float(s))
             theta_target = record.point(min(float(s) + float(expert_epochs), float(record.epochs)))
             theta_end, _, _ = student.unroll(theta_start, images, labels, alpha, plan)
             out[i, j] = matching_loss(theta_end, theta_start, theta_target).item()
-    return out
+            norms[i, j] = (theta_end - theta_start).double().norm().item()
+    return (out, norms) if student_norms else out
 
 
 def accuracy_along(model: FlatModel, points: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,

@@ -343,11 +343,20 @@ class EigenProgress:
     ranks: torch.Tensor      # (K,) 0 = largest eigenvalue
     eigvals: torch.Tensor    # (K,)
     progress: torch.Tensor   # (T, K)
+    start: torch.Tensor | None = None  # (K,) ⟨v_i, f0 − Y⟩, the denominator of p_i
 
-    def reversal(self) -> torch.Tensor:
-        """(K,) the largest backward move of each curve, max_t (max_{s≤t} p_i(s) − p_i(t)): 0 when it
-        never goes back (monotone), > 0 when it oscillates."""
-        return (self.progress.cummax(0).values - self.progress).max(0).values
+    def backtrack(self) -> torch.Tensor:
+        """(K,) how much of each curve's movement is undone: B / F, where F sums the steps that go the
+        way the curve ends up going (sign of p_i(T) − p_i(0)) and B the steps against it.
+
+        0 for any monotone curve, whichever way it runs (a direction drifting steadily away from the
+        fit is not turning back); 1 for a curve that returns to where it started. Unchanged by
+        rescaling a curve, so a small denominator ⟨v_i, f0 − Y⟩ in p_i does not inflate it.
+        Resolution is that of the recorded times: moves between them are not seen."""
+        steps = self.progress.diff(dim=0)
+        total = steps.abs().sum(0)
+        net = (self.progress[-1] - self.progress[0]).abs()
+        return torch.where(total > 0, (total - net) / (total + net).clamp_min(1e-300), torch.zeros_like(total))
 
 
 def eigen_components(ntk: torch.Tensor | Spectrum, f0: torch.Tensor, y: torch.Tensor, f_path: torch.Tensor,
@@ -369,7 +378,49 @@ def eigen_components(ntk: torch.Tensor | Spectrum, f0: torch.Tensor, y: torch.Te
     v = vecs[:, idx]                                                                # (N·C, K)
     start = (f0.double() - y.double()).reshape(-1) @ v                              # (K,)
     now = (f_path.double().reshape(f_path.shape[0], -1) - y.double().reshape(1, -1)) @ v
-    return EigenProgress(ranks=ranks, eigvals=lam[idx], progress=1 - now / start)
+    return EigenProgress(ranks=ranks, eigvals=lam[idx], progress=1 - now / start, start=start)
+
+
+@dataclass
+class ClassStructure:
+    """How close Θ0 is to K ⊗ I_C: one input-by-input kernel K, the same for every class, and no
+    coupling between different classes' outputs (the structure of a last linear layer's NTK); and to
+    the nearest K' ⊗ B, which lets the class outputs couple through one C x C matrix B."""
+
+    kernel: torch.Tensor          # (N, N) K, the Frobenius-nearest K with Θ0 ≈ K ⊗ I_C
+    residual: float               # ‖Θ0 − K ⊗ I_C‖_F / ‖Θ0‖_F
+    kernel_eigvals: torch.Tensor  # (N,) eigenvalues of K, descending; each is C-fold in K ⊗ I_C
+    coupling: torch.Tensor        # (C, C) B of the nearest Kronecker product Θ0 ≈ K' ⊗ B (any B), trace C
+    kron_residual: float          # ‖Θ0 − K' ⊗ B‖_F / ‖Θ0‖_F for that nearest product
+
+
+def class_structure(ntk: torch.Tensor, num_classes: int) -> ClassStructure:
+    """Fit Θ0 ≈ K ⊗ I_C (sample-major layout) and measure what it leaves out.
+
+    The nearest K in Frobenius norm is the mean of the diagonals of the C × C blocks
+    (`sample_kernel`): each block's best multiple of I_C. If the residual is small, the eigenvalues
+    of Θ0 come in near-degenerate groups of C, each λ_j(K) repeated once per class, and an
+    eigenvector inside such a group is fixed only up to a rotation of the group. With a general B,
+    the eigenvalues of K' ⊗ B are the products λ_i(K') μ_j(B): a dominant λ_1(K') gives a group of C
+    led by it, spread by B's spectrum.
+    """
+    n = ntk.shape[0] // num_classes
+    if ntk.shape != (n * num_classes, n * num_classes):
+        raise ValueError(f"ntk of shape {tuple(ntk.shape)} is not (N·C, N·C) for C = {num_classes}")
+    theta = ntk.double()
+    kernel = sample_kernel(theta, num_classes)
+    fitted = torch.kron(kernel, torch.eye(num_classes, dtype=theta.dtype))
+    residual = float((theta - fitted).norm() / theta.norm().clamp_min(1e-300))
+    eig = torch.linalg.eigvalsh(kernel).flip(0)
+    # Nearest Kronecker product with any class coupling B (Van Loan and Pitsianis): rearrange Θ0 so
+    # that each C x C block is one row; the best K' ⊗ B is its leading singular pair.
+    rows = theta.reshape(n, num_classes, n, num_classes).permute(0, 2, 1, 3).reshape(n * n, num_classes ** 2)
+    u, sv, vh = torch.linalg.svd(rows, full_matrices=False)
+    coupling = vh[0].reshape(num_classes, num_classes)
+    coupling = coupling * (num_classes / coupling.trace())  # fix the free scale (and sign): trace B = C
+    kron_residual = float((1 - sv[0] ** 2 / sv.pow(2).sum()).clamp_min(0).sqrt())
+    return ClassStructure(kernel=kernel, residual=residual, kernel_eigvals=eig, coupling=coupling,
+                          kron_residual=kron_residual)
 
 
 def chord_coordinates(path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

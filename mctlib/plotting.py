@@ -36,20 +36,25 @@ def image_grid(images: torch.Tensor, nrow: int, title: str | None = None, labels
 
 # --- chapter 1: the objective transformation ---------------------------------------------------
 
-def update_vector_noise(consecutive: torch.Tensor, straightness: torch.Tensor, cross: torch.Tensor,
+def update_vector_noise(consecutive: torch.Tensor, step_starts: torch.Tensor, step_straightness: torch.Tensor,
+                        epoch_starts: torch.Tensor, epoch_straightness: torch.Tensor, cross: torch.Tensor,
                         window_epochs: int):
     """Three views of the expert targets V_T: (a) cos between consecutive epochs' steps, one line per
-    expert; (b) ||V_T|| / path length over each M-epoch window; (c) mean cos of V_T across experts."""
+    expert; (b) ||V_T|| / path length over M-epoch windows of one SGD run, measured on every minibatch
+    iterate and on its epoch checkpoints only (x: the window's start, in epochs); (c) mean cos of
+    V_T across experts."""
     fig, axes = new_figure(3, width=3.6)
     for i, row in enumerate(consecutive):
         axes[0].plot(range(1, len(row) + 1), row.numpy(), marker=".", alpha=0.8, label=f"expert {i}")
     axes[0].set(xlabel="epoch e", ylabel=r"cos($\theta_{e}-\theta_{e-1}$, $\theta_{e+1}-\theta_e$)",
                 title="(a) consecutive epoch steps", ylim=(-1, 1))
     axes[0].axhline(0, color="grey", lw=0.6)
-    for row in straightness:
-        axes[1].plot(range(len(row)), row.numpy(), marker=".", alpha=0.8)
-    axes[1].set(xlabel="start epoch s", ylabel=r"$\|V_T\|$ / path length", ylim=(0, 1.05),
+    axes[1].plot(step_starts.numpy(), step_straightness.numpy(), ".-", color="C3", label="every minibatch step")
+    axes[1].plot(epoch_starts.numpy(), epoch_straightness.numpy(), "s", color="k",
+                 mfc="none", label="epoch checkpoints only")
+    axes[1].set(xlabel="window start (epoch)", ylabel=r"$\|V_T\|$ / path length", ylim=(0, 1.05),
                 title=f"(b) straightness of M = {window_epochs} windows")
+    axes[1].legend(fontsize=6)
     axes[2].plot(range(len(cross)), cross.numpy(), marker="o", color="k")
     axes[2].axhline(0, color="grey", lw=0.6)
     axes[2].set(xlabel="start epoch s", ylabel=r"mean cos($V_T^{(i)}$, $V_T^{(j)}$)", ylim=(-1, 1),
@@ -58,13 +63,25 @@ def update_vector_noise(consecutive: torch.Tensor, straightness: torch.Tensor, c
     return fig
 
 
-def waypoint_loss_map(losses: torch.Tensor, starts):
-    """The matching loss of one synthetic set at each (expert, start) waypoint: its 'training loss'."""
-    fig, ax = new_figure(1, width=5.0, height=2.6)
-    im = ax.imshow(losses.numpy(), aspect="auto", cmap="viridis")
-    ax.set(xticks=range(len(starts)), xticklabels=[f"{s:g}" for s in starts], yticks=range(losses.shape[0]),
-           xlabel=r"start epoch s of the waypoint $(\theta_s, V_T)$", ylabel="expert")
-    fig.colorbar(im, ax=ax, label=r"$\|V_S - V_T\|^2 / \|V_T\|^2$")
+def waypoint_loss_and_target_norm(losses: torch.Tensor, starts, target_norms: torch.Tensor,
+                                  student_norms: torch.Tensor | None = None):
+    """(a) The matching loss of one synthetic set at each (expert, start) waypoint: its 'training
+    loss'; (b) the length of each expert's target ||V_T(s)|| (one line per expert) and, if given,
+    of the student's update ||V_S|| at the same waypoints (mean over experts, dashed)."""
+    fig, axes = new_figure(2, width=4.4, height=2.9)
+    im = axes[0].imshow(losses.numpy(), aspect="auto", cmap="viridis")
+    axes[0].set(xticks=range(len(starts)), xticklabels=[f"{s:g}" for s in starts], yticks=range(losses.shape[0]),
+                xlabel=r"start epoch s of the waypoint $(\theta_s, V_T)$", ylabel="expert",
+                title="(a) matching loss")
+    fig.colorbar(im, ax=axes[0], label=r"$\|V_S - V_T\|^2 / \|V_T\|^2$")
+    for i, row in enumerate(target_norms):
+        axes[1].plot(list(starts), row.numpy(), "o-", ms=3, lw=1, color="C0", alpha=0.7,
+                     label=r"expert $\|V_T(s)\|$" if i == 0 else None)
+    if student_norms is not None:
+        axes[1].plot(list(starts), student_norms.numpy(), "s--", ms=3, color="C3", label=r"student $\|V_S\|$ (mean)")
+    axes[1].set(xlabel="start epoch s", ylabel="update-vector length", title="(b) target and student lengths",
+                ylim=(0, None))
+    axes[1].legend(fontsize=7)
     return fig
 
 
@@ -221,18 +238,23 @@ def chord_distance_and_accuracy(distances: list[torch.Tensor], along: list[torch
 # --- chapter 3: convexified trajectories -------------------------------------------------------
 
 def beta_schedules(betas: dict, layers: dict, waypoint_epochs, errors: dict):
-    """(a) beta_l(e) per layer for each schedule (line style = schedule, colour = layer), waypoints
-    dotted; (b) distance of the record from the SGD checkpoints, per epoch, for each schedule."""
+    """(a) beta_l(e) per layer for each schedule (line style = schedule, colour = layer), each segment
+    drawn from 0 at its first epoch to 1 at its last (the table stores the next segment's 0 there),
+    waypoints dotted; (b) distance of the record from the SGD checkpoints, per epoch, for each schedule."""
     fig, axes = new_figure(2, width=4.6)
     styles = ["-", "--", ":", "-."]
+    w = list(waypoint_epochs)
     for (name, beta), style in zip(betas.items(), styles):
         for c, (label, l) in enumerate(layers.items()):
-            axes[0].plot(range(beta.shape[0]), beta[:, l].numpy(), style, color=f"C{c}", marker="." if style == "-" else None,
-                         label=f"{label}" if style == "-" else None)
+            for i, (a, b) in enumerate(zip(w[:-1], w[1:])):
+                values = torch.cat([beta[a:b, l].double(), torch.ones(1, dtype=torch.float64)])
+                axes[0].plot(range(a, b + 1), values.numpy(), style, color=f"C{c}",
+                             marker="." if style == "-" else None,
+                             label=label if style == "-" and i == 0 else None)
         axes[0].plot([], [], style, color="grey", label=name)
-    for w in waypoint_epochs:
-        axes[0].axvline(w, color="grey", lw=0.5, ls=":")
-        axes[1].axvline(w, color="grey", lw=0.5, ls=":")
+    for x in w:
+        axes[0].axvline(x, color="grey", lw=0.5, ls=":")
+        axes[1].axvline(x, color="grey", lw=0.5, ls=":")
     axes[0].set(xlabel="epoch e", ylabel=r"$\beta_l(e)$", title="(a) progress within each segment")
     axes[0].legend(fontsize=6, ncol=2)
     for (name, err), style in zip(errors.items(), styles):
@@ -240,6 +262,34 @@ def beta_schedules(betas: dict, layers: dict, waypoint_epochs, errors: dict):
     axes[1].set(xlabel="epoch e", ylabel=r"$\|\theta_e - \hat\theta(e)\| / \|\theta_e - \theta_0\|$",
                 title="(b) distance from the SGD checkpoints")
     axes[1].legend(fontsize=7)
+    return fig
+
+
+def window_fidelity_panels(fidelities: dict, window_epochs: float, noise_floor: float | None = None):
+    """Window-level fidelity of convexified records against SGD (`analysis.WindowFidelity`), per start
+    epoch: (a) cos(V_record, V_SGD), (b) ||V_record|| / ||V_SGD||, (c) the matching loss between the
+    two targets, with the SGD noise floor if given. `fidelities` maps a label to a list of
+    WindowFidelity, one per expert; lines are the mean over experts, bands min to max."""
+    fig, axes = new_figure(3, width=3.6)
+    for c, (label, fids) in enumerate(fidelities.items()):
+        x = fids[0].starts.numpy()
+        for ax, field in zip(axes, ("cosine", "norm_ratio", "loss")):
+            values = torch.stack([getattr(f, field) for f in fids])
+            ax.plot(x, values.mean(0).numpy(), "o-", ms=3, color=f"C{c}", label=label)
+            ax.fill_between(x, values.min(0).values.numpy(), values.max(0).values.numpy(), color=f"C{c}", alpha=0.2)
+    axes[0].set(xlabel="window start s (epoch)", ylabel=r"cos($V_T^{record}$, $V_T^{SGD}$)",
+                title=f"(a) direction, M = {window_epochs:g}", ylim=(0, 1.02))
+    axes[1].axhline(1, color="grey", lw=0.6)
+    axes[1].set(xlabel="window start s (epoch)", ylabel=r"$\|V_T^{record}\| / \|V_T^{SGD}\|$",
+                title="(b) length", ylim=(0, None))
+    if noise_floor is not None:
+        axes[2].axhline(noise_floor, color="k", ls="--", lw=1, label="SGD noise floor")
+    axes[2].set(xlabel="window start s (epoch)", ylabel=r"$\|V^{record} - V^{SGD}\|^2 / \|V^{SGD}\|^2$",
+                title="(c) as a matching loss", ylim=(0, None))
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
     return fig
 
 

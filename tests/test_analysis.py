@@ -8,20 +8,27 @@ import torch
 from mctlib.analysis import (
     StorageSetting,
     accuracy_along,
+    accuracy_drops,
     consecutive_cosines,
     cross_expert_cosines,
     interpolation_error,
+    noise_floor,
     pairwise_cosines,
     path_straightness,
     pca_projection,
+    prediction_losses,
     record_points,
     relative_spread,
     resampled_update_vectors,
     sgd_step_path,
+    span_rank,
     storage_estimate,
     storage_table,
     update_vectors_along,
+    update_vectors_at,
+    window_fidelity,
     window_samples,
+    window_straightness,
 )
 from mctlib.networks import FlatModel, NetConfig, build_network
 from mctlib.training import SGDRecipe, train_networks
@@ -257,3 +264,105 @@ def test_waypoint_losses_equal_match_losses():
     ref = match(student, x.clone().requires_grad_(True), y, alpha.clone().requires_grad_(True),
                 buffers[1].point(1), buffers[1].point(3), plan)
     assert losses[1, 1].item() == pytest.approx(ref.loss, rel=1e-5)
+    # ||V_S|| from the same unrolls: the student's own endpoint, -alpha times its summed gradients
+    same, norms = waypoint_losses(student, x, y, alpha, buffers, 2, [0, 1, 2], plan, student_norms=True)
+    assert torch.equal(same, losses)
+    v_s = ref.theta_end.detach() - buffers[1].point(1)
+    assert norms[1, 1].item() == pytest.approx(v_s.norm().item(), rel=1e-5)
+
+
+# --- noise floor, window-level fidelity, straightness at any resolution ------------------------
+
+def test_noise_floor_removes_the_small_sample_bias_of_relative_spread():
+    # V = mu + noise, ||mu||^2 = 1, noise N(0, sigma^2 I_D): the true floor is D sigma^2 / (1 + D sigma^2).
+    g = torch.Generator().manual_seed(0)
+    dim, sigma, draws, trials = 2000, 0.01, 4, 300
+    mu = torch.zeros(dim, dtype=torch.float64)
+    mu[0] = 1.0
+    truth = dim * sigma**2 / (1 + dim * sigma**2)
+    corrected, plain = [], []
+    for _ in range(trials):
+        v = mu + sigma * torch.randn(draws, dim, generator=g, dtype=torch.float64)
+        corrected.append(noise_floor(v))
+        plain.append(relative_spread(v))
+    assert sum(corrected) / trials == pytest.approx(truth, rel=0.02)
+    assert sum(plain) / trials == pytest.approx(truth * (draws - 1) / draws, rel=0.02)
+    # exactly R / (R - 1) times the plain estimate, on any sample
+    v = torch.randn(3, 5, generator=g)
+    assert noise_floor(v) == pytest.approx(relative_spread(v) * 3 / 2)
+    with pytest.raises(ValueError, match="R >= 2"):
+        noise_floor(torch.ones(1, 4))
+
+
+def test_update_vectors_at_fractional_starts_of_a_record_and_integer_starts_of_a_buffer():
+    buf = _buffer(epochs=6, dim=4)
+    assert torch.equal(update_vectors_at(buf, 2, [0, 3]), update_vectors_along(buf, 2)[[0, 3]])
+    # the target is clipped at E, as the sampler clips it
+    assert torch.equal(update_vectors_at(buf, 2, [5])[0], buf.params[6] - buf.params[5])
+    record = convexify(buf, (slice(0, 2), slice(2, 4)), 2, "uniform", smooth=False)
+    v = update_vectors_at(record, 1.5, [0.5])[0]
+    assert torch.allclose(v, (buf.params[6] - buf.params[0]) * 1.5 / 6, atol=1e-6)
+
+
+def test_window_fidelity_hand_computed_and_perfect_on_a_straight_uniform_path():
+    line = FullBuffer(torch.arange(7.0).unsqueeze(1) * torch.tensor([[1.0, -2.0, 0.5]]))
+    record = convexify(line, (slice(0, 3),), 2, "uniform", smooth=False)
+    fid = window_fidelity(line, record, 2, [0, 1, 2, 3])
+    assert torch.allclose(fid.cosine, torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(fid.norm_ratio, torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(fid.loss, torch.zeros(4, dtype=torch.float64), atol=1e-12)
+    # An L-shaped path (0,0) -> (1,0) -> (1,1); K = 2 uniform record is the chord to (1,1) at half speed per epoch.
+    bend = FullBuffer(torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]]))
+    rec = convexify(bend, (slice(0, 2),), 2, "uniform", smooth=False)
+    fid = window_fidelity(bend, rec, 1, [0, 1])
+    # SGD's V_T: (1,0) then (0,1); the record's: (0.5, 0.5) both times.
+    assert torch.allclose(fid.cosine, torch.full((2,), 1 / math.sqrt(2), dtype=torch.float64))
+    assert torch.allclose(fid.norm_ratio, torch.full((2,), math.sqrt(0.5), dtype=torch.float64))
+    assert torch.allclose(fid.loss, torch.full((2,), 0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="epochs"):
+        window_fidelity(_buffer(epochs=3), rec, 1, [0])
+
+
+def test_span_rank_counts_independent_directions():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(3, 500, generator=g, dtype=torch.float64)
+    vectors = torch.randn(40, 3, generator=g, dtype=torch.float64) @ basis
+    assert span_rank(vectors) == 3
+    assert span_rank(vectors + 1e-9 * torch.randn(40, 500, generator=g, dtype=torch.float64)) == 3
+    assert span_rank(torch.randn(5, 500, generator=g)) == 5
+    # every window of a K = 2 record lies in the span of its L per-layer chords
+    buf = _buffer(epochs=8, dim=9)
+    record = convexify(buf, (slice(0, 3), slice(3, 6), slice(6, 9)), 2)
+    windows = update_vectors_at(record, 1.5, torch.linspace(0, 6, 50).tolist())
+    assert span_rank(windows) <= 3 < span_rank(update_vectors_along(buf, 1))
+
+
+def test_window_straightness_at_step_resolution():
+    # a zigzag walked in unit-diagonal steps: over 2 steps the chord is 2, the walk 2 sqrt 2
+    path = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0], [3.0, 1.0], [4.0, 0.0]])
+    assert torch.allclose(window_straightness(path, 2), torch.full((3,), 1 / math.sqrt(2), dtype=torch.float64))
+    # at the resolution of every second point the same walk looks straight
+    assert torch.allclose(window_straightness(path[::2], 1), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(window_straightness(path, 1), torch.ones(4, dtype=torch.float64))
+    buf = _buffer()
+    assert torch.equal(window_straightness(buf.params, 2), path_straightness(buf, 2))
+    with pytest.raises(ValueError, match="window"):
+        window_straightness(path, 5)
+
+
+def test_accuracy_drops_with_a_threshold():
+    acc = torch.tensor([[0.50, 0.49, 0.60, 0.40, 0.41], [0.1, 0.2, 0.3, 0.4, 0.5]])
+    assert torch.allclose(accuracy_drops(acc), torch.tensor([0.5, 0.0], dtype=torch.float64))
+    # a drop of 0.01 (one image in a hundred) is not counted at a threshold of 0.02
+    assert torch.allclose(accuracy_drops(acc, 0.02), torch.tensor([0.25, 0.0], dtype=torch.float64))
+
+
+def test_prediction_losses_hand_computed_and_smallest_near_the_mean():
+    targets = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    losses = prediction_losses(torch.tensor([1.0, 1.0]), targets)
+    assert torch.allclose(losses, torch.tensor([1.0 / 1.0, 2.0 / 4.0], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([3.0, -1.0, 2.0]) + 0.1 * torch.randn(50, 3, generator=g)
+    at_mean = prediction_losses(draws.mean(0), draws).mean()
+    assert at_mean < prediction_losses(draws.mean(0) * 1.2, draws).mean()
+    assert at_mean < prediction_losses(draws[0], draws).mean()

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from mctlib.networks import FlatModel, NetConfig, build_network
-from mctlib.ntk import (chord_coordinates, closed_form_params, closed_form_trajectory, distance_from_chord,
+from mctlib.ntk import (EigenProgress, chord_coordinates, class_structure, closed_form_params, closed_form_trajectory, distance_from_chord,
                         eigen_components, empirical_ntk, jacobian, linearise, points_on_chord, sample_kernel,
                         spectrum, train_linearised_and_real)
 
@@ -125,7 +125,7 @@ def test_closed_form_matches_discrete_linearised_gd_for_small_lr():
     # linear-model eigen-components move monotonically
     prog = eigen_components(ntk, f0, labels, run.lin_logits, k=5)
     assert prog.progress.shape == (len(run.steps), 5)
-    assert torch.all(prog.reversal() < 1e-9)
+    assert torch.all(prog.backtrack() < 1e-9)
     assert torch.all(prog.progress[0].abs() < 1e-9)
 
 
@@ -194,3 +194,56 @@ def test_distance_from_chord_straight_and_hand_computed():
     assert torch.allclose(distance_from_chord(path @ rot.T + 3.0), distance_from_chord(path))
     with pytest.raises(ValueError, match="chord"):
         distance_from_chord(torch.tensor([[1.0, 1.0], [2.0, 0.0], [1.0, 1.0]]))
+
+
+def test_backtrack_is_zero_for_monotone_curves_either_way_and_measures_what_is_undone():
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    up, drift_away = t**2, -3 * t                              # monotone, one of them away from the fit
+    there_and_back = torch.cat([t[:6], t[:5].flip(0)])         # 0 .. 0.5 .. 0: everything undone
+    prog = EigenProgress(ranks=torch.arange(3), eigvals=torch.ones(3),
+                         progress=torch.stack([up, drift_away, there_and_back], 1))
+    back = prog.backtrack()
+    assert back[0] == 0 and back[1] == 0
+    assert back[2] == pytest.approx(1.0)
+    # up by 1, back by 0.5: half of the forward movement is undone, at any scale or sign
+    half_back = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)
+    for scale in (1.0, 1e-6, -40.0):
+        p = EigenProgress(ranks=torch.arange(1), eigvals=torch.ones(1), progress=scale * half_back[:, None])
+        assert p.backtrack()[0] == pytest.approx(0.5)
+    # two oscillations: forward 1 + 1, backward 0.5 + 0.5 -> 1/2
+    wobble = torch.tensor([0.0, 1.0, 0.5, 1.5, 1.0], dtype=torch.float64)
+    p = EigenProgress(ranks=torch.arange(1), eigvals=torch.ones(1), progress=wobble[:, None])
+    assert p.backtrack()[0] == pytest.approx(0.5)
+
+
+def test_class_structure_recovers_a_kronecker_kernel_and_measures_the_rest():
+    g = torch.Generator().manual_seed(0)
+    n, c = 6, 3
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    k = a @ a.T
+    exact = torch.kron(k, torch.eye(c, dtype=torch.float64))
+    fit = class_structure(exact, c)
+    assert torch.allclose(fit.kernel, k) and fit.residual == pytest.approx(0.0, abs=1e-12)
+    # each eigenvalue of K appears C times in K ⊗ I_C
+    lam = torch.linalg.eigvalsh(exact).flip(0)
+    assert torch.allclose(lam, fit.kernel_eigvals.repeat_interleave(c))
+    # a part with zero-diagonal class blocks is exactly what the fit leaves out
+    off = torch.ones(c, c, dtype=torch.float64) - torch.eye(c, dtype=torch.float64)
+    extra = 0.3 * torch.kron(k, off)
+    fit = class_structure(exact + extra, c)
+    assert torch.allclose(fit.kernel, k)
+    assert fit.residual == pytest.approx(float(extra.norm() / (exact + extra).norm()))
+    # a Kronecker product with a coupled B is fitted exactly by the general form, not by K ⊗ I_C
+    b = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 0.5]], dtype=torch.float64)
+    coupled = torch.kron(k, b)
+    fit = class_structure(coupled, c)
+    assert fit.kron_residual == pytest.approx(0.0, abs=1e-7)
+    assert torch.allclose(fit.coupling, b * (c / b.trace()), atol=1e-8)
+    assert fit.residual > 0.1
+    assert class_structure(exact, c).kron_residual == pytest.approx(0.0, abs=1e-7)
+    # on a real network's NTK the fit is the class-averaged sample kernel
+    model, theta, x = _convnet(torch.float64)
+    ntk = empirical_ntk(model, theta, x)
+    assert torch.allclose(class_structure(ntk, 3).kernel, sample_kernel(ntk, 3))
+    with pytest.raises(ValueError, match="C = 4"):
+        class_structure(ntk, 4)
