@@ -292,8 +292,9 @@ class Comparison:
 
 
 def summary_stats(values: Iterable[float]) -> dict:
-    """n, mean, sample standard deviation (n - 1) and standard error of the mean of `values`."""
-    values = [float(v) for v in values]
+    """n, mean, sample standard deviation (n - 1) and standard error of the mean of `values`; NaN (a
+    quantity a run could not measure, e.g. loss noise over a one-iteration half) is left out."""
+    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     n = len(values)
     mean = statistics.fmean(values) if n else math.nan
     std = statistics.stdev(values) if n > 1 else math.nan

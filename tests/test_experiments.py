@@ -250,6 +250,7 @@ def test_per_seed_at_an_iteration_skips_missing_evaluations_and_words_the_differ
     assert curves["iterations"] == [0, 10] and curves["acc_mean"] == pytest.approx([0.5, 0.75])
     assert table.curves("MTT")["counts"] == [2, 1]
     assert "single seed" in X.describe_difference(X.summary_stats([0.01]))
+    assert X.summary_stats([0.1, float("nan"), 0.3])["n"] == 2 and X.summary_stats([float("nan")])["n"] == 0
     assert "within noise" in X.describe_difference(X.summary_stats([0.01, -0.01, 0.02]))
     two = X.summary_stats([-0.0007, -0.0007]) | {"differences": [-0.0007, -0.0007]}
     assert "two seeds are too few" in X.describe_difference(two)
