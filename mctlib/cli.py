@@ -133,6 +133,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON file with sections data/net/expert/distill/eval")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--dist-backend", default="auto", help="under torchrun: auto (nccl on GPUs, gloo on CPUs), nccl, gloo")
+    parser.add_argument("--dist-timeout", type=float, default=None,
+                        help="under torchrun: seconds a rank waits for the others before stopping (default "
+                             "$MCTLIB_DIST_TIMEOUT or 1800)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -206,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = {"experts": _experts, "convexify": _convexify, "distill": _distill, "evaluate": _evaluate}[args.command]
     try:
+        args.group = _join_ranks(args)
         return command(args, parser)
     except _user_errors() as err:  # a problem with the user's files or data: its message says what to do
         print(f"mctlib {args.command}: error: {err}{_continue_hint(args, err)}", file=sys.stderr)
@@ -217,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         hint = "; `--resume` continues from its last checkpoint" if args.command == "distill" else ""
         print(f"mctlib {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    finally:
+        if getattr(args, "group", None) is not None:
+            from .distributed import teardown
+
+            teardown()
 
 
 def _continue_hint(args, err) -> str:
@@ -239,13 +249,24 @@ def _continue_hint(args, err) -> str:
     return f"; to continue from it: python -m mctlib {shlex.join(kept)} --resume {flag} {err.suggested:g}"
 
 
+
+def _join_ranks(args):
+    """The process group when torchrun started this process (see distributed.py), else None."""
+    from .distributed import launched, setup
+
+    if args.command == "convexify" or not launched():
+        return None
+    return setup(args.device, args.dist_backend, args.dist_timeout)
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """The library's own errors, each raised with a message that names the fix."""
     from .data import DatasetError
     from .distill import CheckpointError, DivergenceError
+    from .distributed import DistributedError
     from .storage import DestinationError, StoreError
 
-    return StoreError, DatasetError, CheckpointError, DivergenceError, DestinationError
+    return StoreError, DatasetError, CheckpointError, DivergenceError, DestinationError, DistributedError
 
 
 def _device(args, sp):
@@ -295,11 +316,19 @@ def _experts(args, parser) -> int:
         sp.error(f"--out {out} already holds a trajectory store; choose another folder")
     from .experts import make_experts
 
-    device = _device(args, sp)
+    device = _device(args, sp) if args.group is None else args.group.device
     data = _load_data(c["data"])
     _check_net_data(sp, c["net"], data)
-    store = make_experts(data, c["net"], c["expert"], out, device=device, progress=not args.no_progress,
-                         ensemble_size=args.ensemble_size)
+    if args.group is not None:
+        from .distributed import make_experts as make_experts_on_ranks
+
+        store = make_experts_on_ranks(data, c["net"], c["expert"], out, args.group, args.ensemble_size,
+                                      progress=not args.no_progress and args.group.writer)
+        if not args.group.writer:
+            return 0
+    else:
+        store = make_experts(data, c["net"], c["expert"], out, device=device, progress=not args.no_progress,
+                             ensemble_size=args.ensemble_size)
     stats = store.manifest["stats"]
     acc = stats["test_accuracy"]
     print(f"{len(acc)} experts ({store.kind} records) in {stats['seconds']:.1f}s, test accuracy "
@@ -351,10 +380,12 @@ def _distill(args, parser) -> int:
     _check_store_net(args, store, sp)
     try:
         result = distill(c["distill"], store, data, c["eval"], out, resume=args.resume,
-                         device=device, progress=not args.no_progress,
-                         run_info={"command": sys.argv, "preset": args.preset})
+                         device=device if args.group is None else None, progress=not args.no_progress,
+                         run_info={"command": sys.argv, "preset": args.preset}, group=args.group)
     except ValueError as err:
         sp.error(str(err))
+    if args.group is not None and not args.group.writer:
+        return 0
     for change in json.loads((out / "metrics.json").read_text()).get("step_size_changes", []):
         print(f"{change['field']} {change['from']:g} -> {change['to']:g} from iteration {change['iteration']} "
               "(recorded in metrics.json)")
@@ -414,7 +445,8 @@ def _evaluate(args, parser) -> int:
     if args.ipc < 1:
         sp.error(f"--ipc {args.ipc} must be >= 1 (images per class of the random_real baseline)")
     out = _destination(args, sp)
-    device = _device(args, sp)
+    device = _device(args, sp) if args.group is None else args.group.device
+    share = args.group
     from .device import versions
     from .distill import load_synthetic
     from .evaluate import evaluate_synthetic, full_data_baseline, random_real_baseline
@@ -429,17 +461,19 @@ def _evaluate(args, parser) -> int:
     try:  # each checks its training set (shape, labels, lr) before training anything
         if args.synthetic:
             images, labels, alpha = load_synthetic(args.synthetic)
-            results = evaluate_synthetic(images, labels, alpha, data, c["net"], c["eval"], device)
+            results = evaluate_synthetic(images, labels, alpha, data, c["net"], c["eval"], device, share=share)
             source = {"synthetic": args.synthetic, "alpha": alpha}
         elif args.baseline == "random_real":
             results = random_real_baseline(data, args.ipc, c["net"], c["eval"], lr=args.lr, seed=c["eval"].seed,
-                                           device=device)
+                                           device=device, share=share)
             source = {"baseline": "random_real", "ipc": args.ipc, "lr": args.lr}
         else:
-            results = full_data_baseline(data, c["net"], c["eval"], lr=args.lr, device=device)
+            results = full_data_baseline(data, c["net"], c["eval"], lr=args.lr, device=device, share=share)
             source = {"baseline": "full", "lr": args.lr}
     except ValueError as err:
         sp.error(str(err))
+    if share is not None and not share.writer:
+        return 0
     for r in results:
         print(r)
     atomic_write_json(out / "metrics.json", {"source": source, "results": [r.to_dict() for r in results],

@@ -284,12 +284,20 @@ def run_config(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eva
 
 def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_cfg: EvalConfig | None = None,
             run_dir: str | Path | None = None, resume: bool = False, device=None, progress: bool = True,
-            run_info: dict | None = None) -> DistillResult:
-    """Run (or resume) one distillation; see the module docstring for what lands in `run_dir`."""
-    device = resolve_device(device)
+            run_info: dict | None = None, group=None) -> DistillResult:
+    """Run (or resume) one distillation; see the module docstring for what lands in `run_dir`.
+
+    `group` (a `distributed.Group`, from torchrun): the synthetic set's gradient is computed in shards
+    over the ranks, every rank holds the same S and alpha, and rank 0 writes the run directory."""
+    device = resolve_device(device) if group is None else group.device
     _check_store(cfg, store, dataset)
     net = store.net
     config = run_config(cfg, store, dataset, eval_cfg)
+    writes = group is None or group.writer
+    if group is not None:
+        group.check_world_size(cfg.ipc * dataset.num_classes)
+        if group.world_size > 1:
+            config["world_size"] = group.world_size   # compared on resume like every other setting
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
         if (run_dir / "config.json").exists() and not resume:
@@ -301,8 +309,11 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
     if resume:
         if run_dir is None:
             raise ValueError("resume needs the run directory of the run to continue")
+        from .distributed import check_resume_world_size
+
+        check_resume_world_size(run_dir, 1 if group is None else group.world_size)
         state = _start_or_resume(run_dir, config, device)
-    if run_dir is not None:  # temporary files of a write that a kill interrupted
+    if run_dir is not None and writes:  # temporary files of a write that a kill interrupted
         for leftover in [*run_dir.glob(".*.safetensors.*.tmp"), *run_dir.glob(".*.json.*.tmp")]:
             leftover.unlink(missing_ok=True)
     if state is None:
@@ -311,13 +322,15 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
         state = _State(images, labels.to(device), torch.tensor(cfg.lr_teacher, device=device),
                        torch.zeros_like(images), torch.zeros((), device=device),
                        torch.Generator().manual_seed(derive_seed(cfg.seed, 2)))
-    if run_dir is not None:
+    if group is not None:
+        group.barrier("the start of distillation")  # every rank has checked run_dir before rank 0 writes to it
+    if run_dir is not None and writes:
         # run_info (command line, preset name) is recorded but, unlike `config`, not compared on resume.
         atomic_write_json(run_dir / "config.json", {**config, "seed": cfg.seed, "versions": versions(),
                                                     "run": {"store_path": str(store.path), **(run_info or {})}})
 
     model = FlatModel(build_network(net)).to(device)
-    student = Student(model, make_augment(cfg.dsa))
+    student = Student(model, make_augment(cfg.dsa)) if group is None else group.student(model, make_augment(cfg.dsa))
     records = [r.to(device) for r in store.records]          # moved once, not per iteration
     sampling = cfg.resolved_sampling
     best = max(evaluated(state.evals), key=lambda e: e["mean"], default=None)
@@ -334,18 +347,19 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
             # evaluates with lr = alpha regardless, we record why this evaluation did not run.
             state.evals.append({"iteration": it, "skipped": f"alpha = {alpha_now:.3g} <= 0 at this iteration"})
             return
-        results = evaluate_synthetic(state.images, state.labels, float(state.alpha), dataset, net, eval_cfg, device)
+        results = evaluate_synthetic(state.images, state.labels, float(state.alpha), dataset, net, eval_cfg, device,
+                                     share=group)
         entry = {"iteration": it, "mean": results[0].mean, "std": results[0].std,
                  "accuracies": results[0].accuracies, "archs": [r.to_dict() for r in results]}
         state.evals.append(entry)
         if best is None or entry["mean"] > best["mean"]:
             best = entry
-            if run_dir is not None:
+            if run_dir is not None and writes:
                 _save_synthetic(run_dir / "synthetic_best.safetensors", state.images, state.labels,
                                 float(state.alpha), {"iteration": it, "eval": entry})
 
     bar = None
-    if progress:
+    if progress and writes:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.iterations, initial=state.iteration, desc=f"distill {cfg.method}", leave=False)
@@ -365,6 +379,8 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
         images.grad, alpha.grad = None, None
         result = match(student, images, state.labels, alpha, record.point(tau_start), record.point(tau_target),
                        plan, cfg.gradient_mode)
+        if group is not None:
+            group.sum_image_grad(images)
         with torch.no_grad():
             # SGD with momentum 0.5 on S and alpha (the papers' optimiser), written out so its state is two tensors.
             state.img_velocity.mul_(cfg.momentum).add_(images.grad)
@@ -373,7 +389,7 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
             state.alpha = (alpha - cfg.lr_lr * state.lr_velocity).detach()
         cause, to_lower = _divergence(result.loss, state.images, float(state.alpha), cfg, data_rms, state.log)
         if cause:
-            if run_dir is not None:
+            if run_dir is not None and writes:
                 _save_checkpoint(run_dir, good, config)
             suggested = float(f"{getattr(cfg, to_lower) / 10:.3g}")
             where = (f"; the last good state (iteration {good.iteration}) is saved in {run_dir / CHECKPOINT}: "
@@ -394,15 +410,17 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
             bar.set_postfix(loss=f"{result.loss:.4f}", alpha=f"{float(state.alpha):.4g}")
         if (cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations)) or it in cfg.eval_at:
             evaluate_now(it)
-        if run_dir is not None and (it % cfg.checkpoint_every == 0 or it == cfg.iterations):
+        if run_dir is not None and writes and (it % cfg.checkpoint_every == 0 or it == cfg.iterations):
             _save_checkpoint(run_dir, state, config)
             _write_metrics(run_dir, state, best, config)
     if bar is not None:
         bar.close()
-    if run_dir is not None:
+    if run_dir is not None and writes:
         _save_synthetic(run_dir / "synthetic_final.safetensors", state.images, state.labels, float(state.alpha),
                         {"iteration": state.iteration})
         _write_metrics(run_dir, state, best, config)
+    if group is not None:
+        group.barrier("the end of distillation")  # on return, on any rank, the run directory is complete
     return DistillResult(state.images.detach(), state.labels, float(state.alpha), state.log, state.evals, run_dir,
                          best, config)
 

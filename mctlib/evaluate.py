@@ -49,8 +49,11 @@ def eval_net_config(net: NetConfig, arch: str) -> NetConfig:
 
 
 def train_and_test(images: torch.Tensor, labels: torch.Tensor, lr: float, dataset: Dataset, net: NetConfig,
-                   cfg: EvalConfig, device=None, progress=None) -> list[EvalResult]:
-    """Train cfg.num_eval fresh networks per architecture on (images, labels); test on dataset's test split."""
+                   cfg: EvalConfig, device=None, progress=None, share=None) -> list[EvalResult]:
+    """Train cfg.num_eval fresh networks per architecture on (images, labels); test on dataset's test split.
+
+    `share` (a `distributed.Group`): this rank trains its share of the networks and the accuracies of
+    all ranks are gathered; network i of architecture a is seeded by (a, i) wherever it trains."""
     check_training_set(images, labels, lr, net)
     device = resolve_device(device)
     images, labels = images.detach().to(device), labels.to(device)
@@ -59,21 +62,26 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, lr: float, datase
     recipe = SGDRecipe(lr=float(lr), epochs=cfg.epochs, batch_size=cfg.batch_size, momentum=cfg.momentum,
                        weight_decay=cfg.weight_decay, decay_epoch=cfg.epochs // 2)
     results = []
+    members = share.members(len(cfg.archs), cfg.num_eval) if share is not None else None
     for a, arch in enumerate(cfg.archs):
         net_a = eval_net_config(net, arch)
-        init_seeds = [derive_seed(cfg.seed, a, i, 0) for i in range(cfg.num_eval)]
+        nets = range(cfg.num_eval) if members is None else members[a]
+        if not nets:
+            results.append(EvalResult(arch, []))
+            continue
+        init_seeds = [derive_seed(cfg.seed, a, i, 0) for i in nets]
         model = FlatModel(build_network(net_a)).to(device)
         params = torch.stack([FlatModel(build_network(net_a, seed=s)).flatten() for s in init_seeds]).to(device)
         if not model.supports_vmap:  # batchnorm nets train one at a time
             finals = [train_networks(model, p[None], images, labels, recipe, [derive_seed(cfg.seed, a, i, 1)],
-                                     augment, progress=progress) for i, p in enumerate(params)]
+                                     augment, progress=progress) for i, p in zip(nets, params)]
             params = torch.cat(finals)
         else:
             params = train_networks(model, params, images, labels, recipe,
-                                    [derive_seed(cfg.seed, a, i, 1) for i in range(cfg.num_eval)], augment,
+                                    [derive_seed(cfg.seed, a, i, 1) for i in nets], augment,
                                     progress=progress)
         results.append(EvalResult(arch, accuracy(model, params, test_x, test_y).tolist()))
-    return results
+    return results if share is None else share.gather(results, cfg.num_eval)
 
 
 def check_training_set(images: torch.Tensor, labels: torch.Tensor, lr: float, net: NetConfig) -> None:
@@ -95,22 +103,22 @@ def check_training_set(images: torch.Tensor, labels: torch.Tensor, lr: float, ne
 
 
 def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, alpha: float, dataset: Dataset, net: NetConfig,
-                       cfg: EvalConfig, device=None) -> list[EvalResult]:
+                       cfg: EvalConfig, device=None, share=None) -> list[EvalResult]:
     """Accuracy of networks trained on a distilled set with its learned lr alpha."""
     if not (alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"learned lr alpha = {alpha} must be a finite positive number to train on the synthetic set")
-    return train_and_test(images, labels, alpha, dataset, net, cfg, device)
+    return train_and_test(images, labels, alpha, dataset, net, cfg, device, share=share)
 
 
 def random_real_baseline(dataset: Dataset, ipc: int, net: NetConfig, cfg: EvalConfig, lr: float = 0.01,
-                         seed: int = 0, device=None) -> list[EvalResult]:
+                         seed: int = 0, device=None, share=None) -> list[EvalResult]:
     """Same protocol on a random real subset with `ipc` images per class."""
     gen = torch.Generator().manual_seed(seed)
     images, labels = real_images_per_class(dataset.train_images, dataset.train_labels, dataset.num_classes, ipc, gen)
-    return train_and_test(images, labels, lr, dataset, net, cfg, device)
+    return train_and_test(images, labels, lr, dataset, net, cfg, device, share=share)
 
 
 def full_data_baseline(dataset: Dataset, net: NetConfig, cfg: EvalConfig, lr: float = 0.01,
-                       device=None) -> list[EvalResult]:
+                       device=None, share=None) -> list[EvalResult]:
     """Same protocol on the whole training set: the ceiling a synthetic set is measured against."""
-    return train_and_test(dataset.train_images, dataset.train_labels, lr, dataset, net, cfg, device)
+    return train_and_test(dataset.train_images, dataset.train_labels, lr, dataset, net, cfg, device, share=share)

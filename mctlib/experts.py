@@ -28,10 +28,14 @@ def init_seed(cfg: ExpertConfig, index: int) -> int:
 
 
 def train_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, device=None, ensemble_size: int = 8,
-                  progress: bool = False) -> tuple[list, list[int], dict]:
-    """Train cfg.num_experts experts; returns (records, init seeds, stats with test accuracies and seconds)."""
+                  progress: bool = False, indices: range | None = None) -> tuple[list, list[int], dict]:
+    """Train cfg.num_experts experts; returns (records, init seeds, stats with test accuracies and seconds).
+
+    `indices`: only these experts (default all), in ensembles from indices.start; a distributed run
+    trains its share this way (distributed.make_experts)."""
     if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
         raise ValueError(f"ensemble_size = {ensemble_size!r} must be an integer >= 1")
+    indices = range(cfg.num_experts) if indices is None else indices
     device = resolve_device(device)
     model = FlatModel(build_network(net)).to(device)
     images, labels = dataset.train_images.to(device), dataset.train_labels.to(device)
@@ -39,10 +43,10 @@ def train_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, device=No
                        weight_decay=cfg.weight_decay)
     augment = make_augment(cfg.dsa)
     records, seeds, accs = [], [], []
-    bar = _bar(cfg.num_experts * cfg.epochs, "experts", progress)
+    bar = _bar(len(indices) * cfg.epochs, "experts", progress)
     start = time.perf_counter()
-    for first in range(0, cfg.num_experts, ensemble_size):
-        members = range(first, min(first + ensemble_size, cfg.num_experts))
+    for first in range(indices.start, indices.stop, ensemble_size):
+        members = range(first, min(first + ensemble_size, indices.stop))
         chunk_seeds = [init_seed(cfg, i) for i in members]
         params = torch.stack([FlatModel(build_network(net, seed=s)).flatten() for s in chunk_seeds]).to(device)
         if cfg.record == "full":
@@ -71,7 +75,7 @@ def train_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, device=No
         bar.close()
     seconds = time.perf_counter() - start
     return records, seeds, {"test_accuracy": accs, "seconds": seconds, "ensemble_size": ensemble_size,
-                            "experts_per_minute": 60 * cfg.num_experts / seconds}
+                            "experts_per_minute": 60 * len(indices) / seconds}
 
 
 def make_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, out: str | Path, device=None,
