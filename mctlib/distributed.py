@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -334,6 +335,10 @@ def make_experts(dataset, net, cfg, out, group: Group, ensemble_size: int = 8, p
     chunks = [range(first, min(first + ensemble_size, cfg.num_experts))
               for first in range(0, cfg.num_experts, ensemble_size)]
     todo = [c for c in chunks if not all(_finished(out, notes, i) for i in c)]
+    kept = cfg.num_experts - sum(len(c) for c in todo)
+    if kept and group.writer:
+        print(f"{out}: kept {kept} finished expert(s) of an interrupted run; training the other "
+              f"{cfg.num_experts - kept}", file=sys.stderr)
     group.barrier("the start of expert training")   # every rank has read the folder before anyone writes
     if group.writer:
         atomic_write_json(notes / "identity.json", identity)

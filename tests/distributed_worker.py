@@ -38,8 +38,8 @@ def main(store_path: str, out: str) -> None:
     saved["eval"] = [e.to_dict() for e in evaluate_synthetic(r["images"], store_labels(r), 0.01, data, store.net,
                                                               EVAL, share=group)]
     out = Path(out)
-    cfg = DistillConfig(gradient_mode="checkpointed", **{**SMALL, "iterations": 4})
-    distill(cfg.replace(iterations=2), store, data, run_dir=out / "resumed", progress=False, group=group)
+    cfg = DistillConfig(gradient_mode="checkpointed", **{**SMALL, "iterations": 8})
+    distill(cfg.replace(iterations=4), store, data, run_dir=out / "resumed", progress=False, group=group)
     resumed = distill(cfg, store, data, run_dir=out / "resumed", resume=True, progress=False, group=group)
     whole = distill(cfg, store, data, run_dir=out / "whole", progress=False, group=group)
     saved["resumed"] = {"images": resumed.images, "alpha": resumed.alpha, "log": resumed.log}
