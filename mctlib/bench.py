@@ -1042,6 +1042,10 @@ def format_table(result: dict, markdown: bool = False) -> str:
         table(["setting", "loss rel. diff", "image-grad cosine", "within tolerance"],
               [[f"{r['precision']}{' channels_last' if r['channels_last'] else ''}", f"{r['loss_rel_diff']:.1e}",
                 f"{r['image_grad_cosine']:.5f}", str(r["within_tolerance"])] for r in p["rows"]])
+    if result.get("distributed"):
+        from .bench_distributed import format_rows
+
+        lines.append(format_rows(result["distributed"]))
     c = result.get("changes")
     if c:
         lines.append("Speed changes, before -> after (wall s; CPU s)")
@@ -1075,6 +1079,8 @@ def write_figures(result: dict, folder: Path) -> list[Path]:
 # Entry point
 
 SECTIONS = ("experts", "distill", "memory", "eval", "pool", "reference", "threads", "precision", "gpu")
+# Run only when named: several fresh processes per row (mctlib/bench_distributed.py).
+OPTIONAL_SECTIONS = ("distributed",)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -1082,7 +1088,8 @@ def make_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and single repeats (a smoke test, not figures)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON file to write (default {DEFAULT_OUT})")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (all by default), or {','.join(OPTIONAL_SECTIONS)}")
     p.add_argument("--iterations", type=int, default=None, help="timed distillation iterations per configuration "
                    f"(default {FULL.iterations}; {QUICK.iterations} with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: device.configure_threads)")
@@ -1109,9 +1116,9 @@ def main(argv: list[str] | None = None) -> int:
         _report(result, args)
         return 0
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(sections) - set(SECTIONS))
+    unknown = sorted(set(sections) - set(SECTIONS) - set(OPTIONAL_SECTIONS))
     if unknown:
-        make_parser().error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")
+        make_parser().error(f"--sections: unknown {unknown}; choose from {list(SECTIONS + OPTIONAL_SECTIONS)}")
     if args.iterations is not None and args.iterations < 1:
         make_parser().error("--iterations must be >= 1")
     sizes = QUICK if args.quick else FULL
@@ -1153,6 +1160,10 @@ def main(argv: list[str] | None = None) -> int:
             result["precision"] = section_precision(sizes, log)
         if "gpu" in sections:
             result["gpu"] = section_gpu(sizes, args.precision, args.channels_last, log)
+        if "distributed" in sections:
+            from .bench_distributed import section_distributed
+
+            result["distributed"] = section_distributed(log, quick=args.quick)
         if "experts" in result:
             result["experts"]["stores"] = {k: "(temporary)" for k in result["experts"]["stores"]}
     result["changes"] = changes(result)
