@@ -190,8 +190,9 @@ def _child(spec: dict) -> dict:
     dataset = load_dataset("digits")
     epochs = store.records[0].epochs
     cfg = get_preset(PRESET).distill
+    max_start = float(min(cfg.max_start_epoch, epochs - cfg.expert_epochs))  # the bench's short experts
     cfg = cfg.replace(syn_steps=spec["syn_steps"], iterations=spec["iterations"], eval_every=0,
-                      checkpoint_every=10**6, max_start_epoch=float(min(cfg.max_start_epoch, epochs - cfg.expert_epochs)))
+                      checkpoint_every=10**6, max_start_epoch=max_start)
     probe = _peak_probe()
     result = distill(cfg, store, dataset, progress=False, group=group, device="cpu")
     peak = probe()

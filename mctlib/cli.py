@@ -133,7 +133,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON file with sections data/net/expert/distill/eval")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--dist-backend", default="auto", help="under torchrun: auto (nccl on GPUs, gloo on CPUs), nccl, gloo")
+    parser.add_argument("--dist-backend", default="auto",
+                        help="under torchrun: auto (nccl on GPUs, gloo on CPUs), nccl, gloo")
     parser.add_argument("--dist-timeout", type=float, default=None,
                         help="under torchrun: seconds a rank waits for the others before stopping (default "
                              "$MCTLIB_DIST_TIMEOUT or 1800)")
@@ -300,10 +301,18 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     return action.choices[name]
 
 
-def _load_data(cfg: DataConfig):
+def _load_data(cfg: DataConfig, group=None):
     from .data import load_dataset
 
-    return load_dataset(cfg.name, root=cfg.root, download=cfg.download, image_size=cfg.image_size, zca=cfg.zca)
+    def load():
+        return load_dataset(cfg.name, root=cfg.root, download=cfg.download, image_size=cfg.image_size, zca=cfg.zca)
+
+    if group is None:
+        return load()
+    # Under torchrun the first rank of each node loads (and downloads) first, the others then read its files.
+    data = load() if group.local_rank == 0 else None
+    group.barrier("the loading of the dataset (the first rank of a node failed to load it)")
+    return data if data is not None else load()
 
 
 def _experts(args, parser) -> int:
@@ -317,7 +326,7 @@ def _experts(args, parser) -> int:
     from .experts import make_experts
 
     device = _device(args, sp) if args.group is None else args.group.device
-    data = _load_data(c["data"])
+    data = _load_data(c["data"], args.group)
     _check_net_data(sp, c["net"], data)
     if args.group is not None:
         from .distributed import make_experts as make_experts_on_ranks
@@ -372,7 +381,7 @@ def _distill(args, parser) -> int:
     device = _device(args, sp)
     if (out / "config.json").exists() and not args.resume:
         sp.error(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
-    data = _load_data(c["data"])
+    data = _load_data(c["data"], args.group)
     try:
         store = load_store(args.store, dataset=data.describe())
     except StoreError as err:
@@ -456,7 +465,7 @@ def _evaluate(args, parser) -> int:
         c = _settings_of_run(args, c, sp)
     if (out / "metrics.json").exists():
         sp.error(f"--out {out} already holds metrics.json; choose another folder")
-    data = _load_data(c["data"])
+    data = _load_data(c["data"], args.group)
     _check_net_data(sp, c["net"], data)
     try:  # each checks its training set (shape, labels, lr) before training anything
         if args.synthetic:

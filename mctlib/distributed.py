@@ -27,6 +27,7 @@ What is spread, and why the results do not change:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -299,7 +300,8 @@ def check_resume_world_size(run_dir: Path, world_size: int) -> None:
         return  # an unreadable config.json is the checkpoint checks' business
     if saved != world_size:
         how = ("python -m mctlib distill ... --resume" if saved == 1 else
-               f"torchrun --nproc_per_node={saved} -m mctlib distill ... --resume (on several nodes: {saved} ranks in all)")
+               f"torchrun --nproc_per_node={saved} -m mctlib distill ... --resume (on several nodes: {saved} ranks "
+               "in all)")
         raise DistributedError(f"{run_dir} was written by a {saved}-process run and this is a {world_size}-process "
                                f"run; resume it with {saved} process(es): {how}")
 
@@ -315,10 +317,10 @@ def make_experts(dataset, net, cfg, out, group: Group, ensemble_size: int = 8, p
     Each finished expert's file (atomic) is followed by a small note in `out/.experts-progress/` with
     its test accuracy and checksum; a restart with the same settings keeps every ensemble whose files
     and notes are complete and intact, and trains only the others."""
+    from safetensors.torch import save as st_save
+
     from .experts import train_experts
     from .storage import MANIFEST, _record_tensors, atomic_write_bytes, atomic_write_json, load_store, save_store
-    from safetensors.torch import save as st_save
-    import hashlib
 
     out = Path(out)
     notes = out / PROGRESS
@@ -381,8 +383,6 @@ def _read_json(path: Path):
 
 
 def _finished(out: Path, notes: Path, i: int) -> bool:
-    import hashlib
-
     note = _read_json(notes / f"expert_{i:03d}.json")
     file = out / f"expert_{i:03d}.safetensors"
     if not isinstance(note, dict) or not file.exists():
@@ -396,7 +396,7 @@ def _read_back(out: Path, notes: Path, net, cfg):
 
     from .networks import FlatModel, build_network
     from .storage import theta0_from_seed
-    from .trajectories import ConvexRecord, FullBuffer
+    from .trajectories import ConvexRecord, FullBuffer, waypoint_epochs
 
     model = FlatModel(build_network(net))
     records, seeds, accs = [], [], []
@@ -409,8 +409,6 @@ def _read_back(out: Path, notes: Path, net, cfg):
         if cfg.record == "full":
             records.append(FullBuffer(head))
         else:
-            from .trajectories import waypoint_epochs
-
             records.append(ConvexRecord(head, waypoint_epochs(cfg.epochs, cfg.num_waypoints), tensors["beta"],
                                         model.layer_slices))
         seeds.append(note["init_seed"])

@@ -28,7 +28,6 @@ from mctlib.distributed import DistributedError, Group, check_resume_world_size,
 from mctlib.evaluate import evaluate_synthetic
 from mctlib.experts import make_experts
 from mctlib.networks import NetConfig
-from mctlib.storage import load_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distributed_worker import EVAL, MODES, SMALL, store_labels  # noqa: E402
@@ -46,8 +45,8 @@ def _env(**extra) -> dict:
     return env
 
 
-def _torchrun(*args, timeout=240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
+def _torchrun(*args, timeout=240, ranks=2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -163,6 +162,18 @@ def test_the_shards_cover_the_synthetic_set_once_even_when_the_ranks_do_not_divi
             assert bounds[0][0] == 0 and bounds[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
             assert {hi - lo for lo, hi in bounds} <= {n // world, -(-n // world)}
+
+
+def test_three_ranks_on_twenty_images_shards_of_six_seven_and_seven_equal_one_process(data, store, tmp_path):
+    done = _torchrun("tests/distributed_worker.py", store.path, tmp_path, "unrolled,checkpointed", ranks=3)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [shard_bounds(20, r, 3) for r in range(3)] == [(0, 6), (6, 13), (13, 20)]
+    for mode in ("unrolled", "checkpointed"):
+        one = distill(DistillConfig(gradient_mode=mode, **SMALL), store, data, progress=False)
+        three = [torch.load(tmp_path / f"rank{r}.pt")[mode] for r in range(3)]
+        torch.testing.assert_close(three[0]["losses"], [e["loss"] for e in one.log], **TOL)
+        torch.testing.assert_close(three[0]["images"], one.images, **TOL)
+        assert all(torch.equal(t["images"], three[0]["images"]) for t in three)
 
 
 def test_more_ranks_than_synthetic_images_are_refused_before_any_work(data, store):
