@@ -176,6 +176,32 @@ def test_three_ranks_on_twenty_images_shards_of_six_seven_and_seven_equal_one_pr
         assert all(torch.equal(t["images"], three[0]["images"]) for t in three)
 
 
+def test_every_evaluation_network_of_every_architecture_trains_on_exactly_one_rank():
+    for archs, num_eval, world in ((1, 3, 2), (3, 5, 2), (2, 3, 4), (2, 1, 3)):
+        groups = [Group(r, world, r, world, torch.device("cpu"), "gloo", 5) for r in range(world)]
+        shares = [g.members(archs, num_eval) for g in groups]
+        for a in range(archs):
+            assert sorted(i for share in shares for i in share[a]) == list(range(num_eval))
+        counts = [sum(map(len, share)) for share in shares]
+        assert max(counts) - min(counts) <= 1  # dealt out over all architectures together
+
+
+def test_bench_speedups_are_ratios_of_the_rows():
+    from mctlib.bench_distributed import _speedups, format_rows
+
+    def row(processes, threads, seconds, peaks):
+        return {"processes": processes, "threads_per_process": threads, "syn_steps": 20,
+                "seconds_per_iteration_median": seconds, "peak_mb_per_rank": peaks}
+
+    result = {"experts": [{"processes": 1, "experts_per_minute": 10.0}, {"processes": 2, "experts_per_minute": 18.0}],
+              "distill": [row(1, 1, 3.0, [300.0]), row(1, 2, 2.4, [300.0]), row(2, 1, 2.0, [170.0, 171.0])]}
+    result["speedups"] = _speedups(result, 20)
+    assert result["speedups"] == pytest.approx({"experts_2_ranks_over_1_process": 1.8,
+                                                "distill_2_ranks_over_1_process_1_thread": 1.5,
+                                                "distill_2_ranks_over_1_process_2_threads": 1.2})
+    assert "170, 171 MB" in format_rows(result)
+
+
 def test_more_ranks_than_synthetic_images_are_refused_before_any_work(data, store):
     group = Group(rank=0, world_size=30, local_rank=0, local_world_size=30, device=torch.device("cpu"),
                   backend="gloo", timeout_s=5)
