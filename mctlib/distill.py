@@ -323,10 +323,14 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
                        torch.zeros_like(images), torch.zeros((), device=device),
                        torch.Generator().manual_seed(derive_seed(cfg.seed, 2)))
     if group is not None:
-        group.barrier("the start of distillation")  # every rank has checked run_dir before rank 0 writes to it
+        # Every rank has checked run_dir before rank 0 writes to it. Every rank reads versions() (slow: it
+        # imports torchvision), so that no rank waits at a collective while rank 0 alone does.
+        about = versions() if run_dir is not None else None
+        group.barrier("the start of distillation")
     if run_dir is not None and writes:
         # run_info (command line, preset name) is recorded but, unlike `config`, not compared on resume.
-        atomic_write_json(run_dir / "config.json", {**config, "seed": cfg.seed, "versions": versions(),
+        atomic_write_json(run_dir / "config.json", {**config, "seed": cfg.seed,
+                                                    "versions": about if group is not None else versions(),
                                                     "run": {"store_path": str(store.path), **(run_info or {})}})
 
     model = FlatModel(build_network(net)).to(device)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -81,9 +82,8 @@ class Group:
         except RuntimeError as err:  # DistBackendError and gloo's/NCCL's own errors are RuntimeErrors
             if isinstance(err, DistributedError):
                 raise
-            cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise DistributedError(
-                f"rank {self.rank} of {self.world_size} lost contact with the other ranks during {what} ({cause}); "
+                f"rank {self.rank} of {self.world_size} lost contact with the other ranks during {what} ({_cause(err)}); "
                 f"a rank died or stalled longer than the {self.timeout_s:g} s collective timeout (--dist-timeout). "
                 "Finished experts and the last distillation checkpoint are on disk: run the same command again "
                 "(distill: with --resume)") from err
@@ -144,6 +144,13 @@ class Group:
                     accs[i] = acc
             out.append(EvalResult(result.arch, accs))
         return out
+
+
+def _cause(err: Exception) -> str:
+    """The first sentence of a backend error, without gloo's source-file prefix."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ")[0][:160]
 
 
 def _members(a: int, num_eval: int, rank: int, world: int) -> list[int]:
@@ -211,8 +218,7 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float | None =
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as err:
-        cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise DistributedError(f"rank {rank} of {world} could not join the process group ({cause}); check that "
+        raise DistributedError(f"rank {rank} of {world} could not join the process group ({_cause(err)}); check that "
                                "every rank was started with the same --rdzv-endpoint / MASTER_ADDR:MASTER_PORT and "
                                f"that all arrived within the {timeout_s:g} s timeout") from err
     return Group(rank, world, local_rank, local_world, dev, backend, timeout_s)
