@@ -368,7 +368,7 @@ def make_experts(dataset, net, cfg, out, group: Group, ensemble_size: int = 8, p
     seconds = time.perf_counter() - start
     if group.writer:
         records, seeds, accs = _read_back(out, notes, net, cfg)
-        stats = {"test_accuracy": accs, "seconds": seconds,
+        stats = {"test_accuracy": accs, "seconds": seconds, "ensemble_size": ensemble_size,
                  "experts_per_minute": 60 * sum(len(c) for c in todo) / seconds if todo else None}
         # The manifest comes from the same function as a one-process store (it rewrites identical files).
         save_store(out, records, net, dataset.describe(), cfg.to_dict(), seeds, store_theta0=cfg.store_theta0,

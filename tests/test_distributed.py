@@ -244,7 +244,7 @@ def test_a_bad_collective_timeout_is_refused(monkeypatch):
 
 EXPERT_ARGS = ["--dataset", "digits", "--data-image-size", "8", "--net-width", "16", "--net-depth", "2",
                "--num-experts", "4", "--epochs", "3", "--batch-size", "128", "--record", "full",
-               "--ensemble-size", "2", "--no-progress", "--device", "cpu"]
+               "--ensemble-size", "1", "--no-progress", "--device", "cpu"]
 EXPERTS = ExpertConfig(num_experts=4, epochs=3, batch_size=128, record="full")
 
 
@@ -262,7 +262,8 @@ def _same_store(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def one_process_store(data, tmp_path_factory):
-    return make_experts(data, NET, EXPERTS, tmp_path_factory.mktemp("experts") / "one").path
+    # Ensembles of one, as the 2-rank runs below: the manifest records the ensemble size.
+    return make_experts(data, NET, EXPERTS, tmp_path_factory.mktemp("experts") / "one", ensemble_size=1).path
 
 
 def test_experts_on_two_ranks_are_byte_identical_to_one_process(one_process_store, tmp_path):
@@ -273,7 +274,7 @@ def test_experts_on_two_ranks_are_byte_identical_to_one_process(one_process_stor
 
 def test_a_killed_expert_run_stops_the_other_rank_and_restarts_where_it_stopped(one_process_store, tmp_path):
     out = tmp_path / "two"
-    args = ["experts", *EXPERT_ARGS, "--ensemble-size", "1", "--epochs", "3", "--out", out, "--dist-timeout", TIMEOUT]
+    args = ["experts", *EXPERT_ARGS, "--out", out, "--dist-timeout", TIMEOUT]
     procs = _ranks(args)
     _wait_for(lambda: any(out.glob(".experts-progress/expert_*.json")), procs)
     line = _kill_rank_1_and_check_rank_0(procs)
