@@ -250,7 +250,6 @@ def _continue_hint(args, err) -> str:
     return f"; to continue from it: python -m mctlib {shlex.join(kept)} --resume {flag} {err.suggested:g}"
 
 
-
 def _join_ranks(args):
     """The process group when torchrun started this process (see distributed.py), else None."""
     from .distributed import launched, setup
