@@ -90,20 +90,87 @@ def _uniform(n: int, g: torch.Generator, x: torch.Tensor) -> torch.Tensor:
     return torch.rand(n, generator=g, device=x.device, dtype=torch.float32).to(x.dtype)
 
 
-def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Resample x through per-sample 2x3 matrices (DSA: affine_grid + grid_sample, align_corners=True)."""
+# Devices on which grid_sample's and gather's backwards are deterministic (the CPU kernels accumulate
+# each sample's gradient in one thread) and which therefore keep them: they are faster there and
+# keep CPU results bit for bit what they were. Elsewhere (CUDA: atomics) the explicit formulations
+# below run instead; tests/test_augment.py checks both give the same values and gradients.
+NATIVE_DEVICES = ("cpu",)
+
+
+def _native(x: torch.Tensor) -> bool:
+    return x.device.type in NATIVE_DEVICES
+
+
+def _grid_sample(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """DSA's own resampling: affine_grid + grid_sample (bilinear, zero padding, align_corners=True)."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=True)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
+def _tent(source: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear interpolation weights: (..., size) with weight max(0, 1 - |source - q|) on pixel q.
+
+    `source` holds source coordinates in pixels. A pixel outside 0..size-1 gets no weight, which is
+    grid_sample's zero padding; an integer coordinate gives an exact one-hot row."""
+    q = torch.arange(size, device=source.device, dtype=source.dtype)
+    return (1 - (source.unsqueeze(-1) - q).abs()).clamp_min(0)
+
+
+def _resample_separable(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """out[n, c] = rows[n] @ x[n, c] @ cols[n]^T for rows (n, H, H), cols (n, W, W).
+
+    Written as matmuls so that the backward is matmuls too: deterministic on every device, where
+    grid_sample's and gather's backwards accumulate with atomics on CUDA (issue 12)."""
+    return rows.unsqueeze(1) @ x @ cols.transpose(1, 2).unsqueeze(1)
+
+
+def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Resample x through per-sample 2x3 matrices, bilinear with zero padding (DSA: affine_grid +
+    grid_sample, align_corners=True), written out so that its backward is deterministic.
+
+    Each output pixel is the weighted sum of its four neighbours around grid_sample's source point,
+    read from x padded by one zero pixel by advanced indexing. Its backward is index_put with
+    accumulation, which CUDA computes deterministically (sorted indices, as for the student's
+    `images[batch]`), where grid_sample's backward accumulates with atomics (issue 12)."""
+    if _native(x):
+        return _grid_sample(x, theta)
+    n, c, h, w = x.shape
+    grid = F.affine_grid(theta.detach(), [n, c, h, w], align_corners=True)          # (n, h, w, 2), no grad
+    ix = ((grid[..., 0] + 1) / 2 * (w - 1)).flatten(1)                               # (n, hw) source columns
+    iy = ((grid[..., 1] + 1) / 2 * (h - 1)).flatten(1)
+    x0, y0 = ix.floor(), iy.floor()
+    wx1, wy1 = ix - x0, iy - y0                                                      # grid_sample's weights
+    wx0, wy0 = 1 - wx1, 1 - wy1
+    # Indices into the padded image; anything beyond one pixel outside reads the zero border.
+    cx = [(x0 + d).clamp(-1, w).long() + 1 for d in (0, 1)]
+    cy = [(y0 + d).clamp(-1, h).long() + 1 for d in (0, 1)]
+    flat = F.pad(x, [1, 1, 1, 1]).flatten(2)                                          # (n, c, (h+2)(w+2))
+    index = torch.cat([cy[a] * (w + 2) + cx[b] for a in (0, 1) for b in (0, 1)], 1)  # (n, 4hw)
+    corners = flat[torch.arange(n, device=x.device)[:, None], :, index]              # (n, 4hw, c)
+    weights = torch.cat([wy * wx for wy in (wy0, wy1) for wx in (wx0, wx1)], 1).to(x.dtype)
+    out = (corners * weights.unsqueeze(-1)).reshape(n, 4, h * w, c).sum(1)          # (n, hw, c)
+    return out.transpose(1, 2).reshape(n, c, h, w)
+
+
+def _base(size: int, x: torch.Tensor) -> torch.Tensor:
+    """affine_grid's normalised pixel centres for align_corners=True: linspace(-1, 1, size)."""
+    return torch.linspace(-1, 1, size, device=x.device, dtype=x.dtype)
+
+
 def rand_scale(x: torch.Tensor, ratio: float, g: torch.Generator) -> torch.Tensor:
-    """DSA rand_scale: diag(sx, sy) with sx, sy ~ U[1/ratio, ratio] per sample."""
-    n = x.shape[0]
+    """DSA rand_scale: diag(sx, sy) with sx, sy ~ U[1/ratio, ratio] per sample.
+
+    A diagonal matrix maps rows to rows and columns to columns, so the resampling is separable:
+    out = Ry @ x @ Rx^T, with the tent weights of grid_sample's source coordinates."""
+    n, _, h, w = x.shape
     sx = _uniform(n, g, x) * (ratio - 1.0 / ratio) + 1.0 / ratio
     sy = _uniform(n, g, x) * (ratio - 1.0 / ratio) + 1.0 / ratio
-    zero = torch.zeros_like(sx)
-    theta = torch.stack([torch.stack([sx, zero, zero], 1), torch.stack([zero, sy, zero], 1)], 1)
-    return _affine(x, theta)
+    if _native(x):
+        zero = torch.zeros_like(sx)
+        return _grid_sample(x, torch.stack([torch.stack([sx, zero, zero], 1), torch.stack([zero, sy, zero], 1)], 1))
+    ix = (sx[:, None] * _base(w, x) + 1) / 2 * (w - 1)                                 # (n, w)
+    iy = (sy[:, None] * _base(h, x) + 1) / 2 * (h - 1)                                 # (n, h)
+    return _resample_separable(x, _tent(iy, h), _tent(ix, w))
 
 
 def rand_rotate(x: torch.Tensor, degrees: float, g: torch.Generator) -> torch.Tensor:
@@ -146,13 +213,19 @@ def rand_crop(x: torch.Tensor, ratio: float, g: torch.Generator) -> torch.Tensor
     sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     ty = torch.randint(-sh, sh + 1, (n,), generator=g, device=x.device)
     tx = torch.randint(-sw, sw + 1, (n,), generator=g, device=x.device)
-    # Zero padding by the largest shift, then a per-sample gather: out[i, j] = x[i + ty, j + tx] or 0,
-    # exactly the original's pad-by-1 + clamped index gathering, without any interpolation.
-    xp = F.pad(x, [sw, sw, sh, sh])
-    rows = torch.arange(h, device=x.device) + (ty + sh)[:, None]  # (n, h)
-    cols = torch.arange(w, device=x.device) + (tx + sw)[:, None]  # (n, w)
-    xp = xp.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * sw))
-    return xp.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    if _native(x):
+        # Zero padding by the largest shift, then a per-sample gather: out[i, j] = x[i + ty, j + tx] or 0.
+        xp = F.pad(x, [sw, sw, sh, sh])
+        rows = torch.arange(h, device=x.device) + (ty + sh)[:, None]  # (n, h)
+        cols = torch.arange(w, device=x.device) + (tx + sw)[:, None]  # (n, w)
+        xp = xp.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * sw))
+        return xp.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    # An integer translation is a resampling with one-hot tent weights: out = Sy @ x @ Sx^T, exactly
+    # the original's pad-by-1 + clamped index gathering (products with 1 and sums of exact zeros),
+    # and, unlike a gather, with a deterministic backward on CUDA.
+    rows = torch.arange(h, device=x.device) + ty[:, None]  # (n, h) source rows
+    cols = torch.arange(w, device=x.device) + tx[:, None]  # (n, w) source columns
+    return _resample_separable(x, _tent(rows.to(x.dtype), h), _tent(cols.to(x.dtype), w))
 
 
 def rand_cutout(x: torch.Tensor, ratio: float, g: torch.Generator) -> torch.Tensor:
@@ -197,13 +270,14 @@ class DSA:
         return self.params.groups
 
     def _draw_group(self, g: torch.Generator) -> str:
-        """Uniform choice of one group, drawn from g (DSA's 'S' mode)."""
-        i = torch.randint(0, len(self.groups), (1,), generator=g, device=g.device)
-        return self.groups[int(i.item())]
+        """Uniform choice of one group, drawn from the CPU generator g (DSA's 'S' mode)."""
+        i = torch.randint(0, len(self.groups), (1,), generator=g)
+        return self.groups[int(i)]  # a CPU tensor: reading it waits for no device
 
-    def choose_group(self, seed: int, device: str | torch.device = "cpu") -> str:
-        """The group that `self(x, seed)` applies for x on `device` (CPU and CUDA streams differ)."""
-        return self._draw_group(make_generator(seed, device))
+    def choose_group(self, seed: int) -> str:
+        """The group that `self(x, seed)` applies, the same on every device: it is drawn on the host,
+        so that choosing which operations to launch never waits for a GPU."""
+        return self._draw_group(make_generator(seed, "cpu"))
 
     def apply(self, x: torch.Tensor, group: str, generator: torch.Generator) -> torch.Tensor:
         """One group ('color' = brightness, saturation, contrast) or one single op, drawn from generator."""
@@ -217,15 +291,19 @@ class DSA:
         if generator.device.type != x.device.type:
             # Draws are made on x.device, so that the stream (and thus the replay) is device-specific.
             raise ValueError(f"generator is on {generator.device} but the images are on {x.device}")
-        for op in ops:
-            x = _OP_FNS[op](x, getattr(self.params, op), generator)
+        # Outside autocast: the resampling matmuls in bf16 would round the images themselves.
+        with torch.autocast(x.device.type, enabled=False):
+            for op in ops:
+                x = _OP_FNS[op](x, getattr(self.params, op), generator)
         return x.contiguous()
 
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        """DSA 'S' mode: one group chosen by `seed`, then per-sample parameters from the same generator."""
+        """DSA 'S' mode: one group chosen by `seed` on the host, then per-sample parameters drawn on
+        x.device. On CPU both come from one generator, the group draw first (as DSA's code does)."""
         _check_images(x)
-        g = make_generator(seed, x.device)
-        return self.apply(x, self._draw_group(g), g)
+        host = make_generator(seed, "cpu")
+        group = self._draw_group(host)
+        return self.apply(x, group, host if x.device.type == "cpu" else make_generator(seed, x.device))
 
     def __repr__(self) -> str:
         return f"DSA({self.params!r})"

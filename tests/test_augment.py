@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mctlib import augment
 from mctlib.augment import DSA, GROUPS, OPS, DSAParams, identity_augment, make_augment
 from mctlib.device import generator
 
@@ -187,6 +188,7 @@ def test_choose_group_covers_every_group_and_drives_call():
     dsa, x = DSA(), images()
     chosen = [dsa.choose_group(s) for s in range(200)]
     assert set(chosen) == set(dsa.groups)
+    assert chosen[:20] == [dsa.groups[int(torch.randint(0, 6, (1,), generator=generator(s)))] for s in range(20)]
     for seed in range(12):
         g = generator(seed)
         torch.randint(0, len(dsa.groups), (1,), generator=g)  # the group draw __call__ makes first
@@ -252,7 +254,11 @@ def test_cuda_replay_and_generator_device_check():
     dsa = DSA()
     x = images(device="cuda")
     assert torch.equal(dsa(x, 5), dsa(x, 5))
-    assert dsa.choose_group(5, "cuda") in dsa.groups
+    cpu = dsa(x.cpu(), 5)
+    for seed in range(6):  # the group is drawn on the host: the same on both devices
+        group = dsa.choose_group(seed)
+        assert torch.equal(dsa(x, seed), dsa.apply(x, group, generator(seed, "cuda")))
+    assert cpu.shape == x.shape
     with pytest.raises(ValueError, match="generator"):
         dsa.apply(x, "flip", generator(0, "cpu"))
 
@@ -262,3 +268,103 @@ def test_make_augment():
     assert make_augment(False) is identity_augment and identity_augment(x, 3) is x
     aug = make_augment(True, DSAParams(strategy="flip", flip=1.0))
     assert isinstance(aug, DSA) and torch.equal(aug(x, 0), x.flip(-1))
+
+
+# ---------------------------------------------------------------- deterministic formulations (issue 12)
+
+
+@pytest.fixture
+def explicit(monkeypatch):
+    """Run the explicit formulations (those CUDA uses) on the CPU."""
+    monkeypatch.setattr(augment, "NATIVE_DEVICES", ())
+
+
+def grid_sample_affine(x, theta):
+    """The DSA code's resampling: affine_grid + grid_sample (bilinear, zeros, align_corners=True)."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def grid_sample_scale(x, ratio, g):
+    """DSA's rand_scale as written there, with the draws mctlib's makes, in order."""
+    n = x.shape[0]
+    sx = torch.rand(n, generator=g, dtype=torch.float32).to(x.dtype) * (ratio - 1.0 / ratio) + 1.0 / ratio
+    sy = torch.rand(n, generator=g, dtype=torch.float32).to(x.dtype) * (ratio - 1.0 / ratio) + 1.0 / ratio
+    z = torch.zeros_like(sx)
+    return grid_sample_affine(x, torch.stack([torch.stack([sx, z, z], 1), torch.stack([z, sy, z], 1)], 1))
+
+
+def grid_sample_rotate(x, degrees, g):
+    angle = (torch.rand(x.shape[0], generator=g, dtype=torch.float32).to(x.dtype) - 0.5) * 2 * degrees / 180 * math.pi
+    c, s, z = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
+    return grid_sample_affine(x, torch.stack([torch.stack([c, -s, z], 1), torch.stack([s, c, z], 1)], 1))
+
+
+@pytest.mark.parametrize("h, w", [(16, 16), (12, 10), (9, 9), (32, 32)])
+@pytest.mark.parametrize("name, params", [("scale", DSAParams()), ("scale", DSAParams(scale=2.0)),
+                                          ("rotate", DSAParams()), ("rotate", DSAParams(rotate=90.0)),
+                                          ("rotate", DSAParams(rotate=180.0))])
+def test_explicit_interpolation_equals_grid_sample_in_values_and_gradients(name, params, h, w, explicit):
+    x = images(n=24, h=h, w=w, dtype=torch.float64).requires_grad_()
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref_fn = grid_sample_scale if name == "scale" else grid_sample_rotate
+    ref = ref_fn(x, getattr(params, name), generator(3))
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), x)
+    out = run(DSA(params), x, name, seed=3)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("h, w", [(12, 10), (9, 9), (16, 7)])
+def test_explicit_crop_is_bit_equal_to_the_gather_in_values_and_gradients(h, w, monkeypatch):
+    x = images(n=64, h=h, w=w).requires_grad_()
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    native = run(DSA(DSAParams(crop=0.25)), x, "crop", seed=2)
+    (native_grad,) = torch.autograd.grad((native * weights).sum(), x)
+    monkeypatch.setattr(augment, "NATIVE_DEVICES", ())
+    out = run(DSA(DSAParams(crop=0.25)), x, "crop", seed=2)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    assert torch.equal(out, native) and torch.equal(grad, native_grad)
+
+
+# Backward nodes whose CUDA kernels accumulate with atomics (torch documents them as non-deterministic).
+NONDETERMINISTIC_BACKWARDS = ("GridSampler", "Gather", "Scatter", "AdaptiveAvgPool", "IndexPut", "Put")
+
+
+def backward_nodes(t):
+    """Names of every autograd node under t.grad_fn."""
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack += [f for f, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("name", ALL + ("S",))
+def test_explicit_backwards_are_deterministic_by_construction(name, explicit):
+    x = images(n=8).requires_grad_()
+    for seed in range(8 if name == "S" else 1):
+        out = DSA()(x, seed) if name == "S" else run(DSA(), x, name, seed)
+        names = backward_nodes(out)
+        bad = [n for n in names if n.startswith(NONDETERMINISTIC_BACKWARDS)]
+        assert names and not bad, f"{name}: {bad}"
+        out.sum().backward()  # and stays differentiable
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("path", ["native", "explicit"])
+def test_dsa_runs_at_full_precision_under_autocast(path, monkeypatch):
+    # Under bf16 autocast the resampling matmuls would round the images; DSA opts out of it.
+    if path == "explicit":
+        monkeypatch.setattr(augment, "NATIVE_DEVICES", ())
+    x = images(n=16)
+    for name in ("crop", "scale", "rotate"):
+        plain = run(DSA(), x, name, seed=5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(DSA(), x, name, seed=5)
+        assert out.dtype == torch.float32 and torch.equal(out, plain)
