@@ -149,6 +149,23 @@ class AvgPool2x2(nn.Module):
         return (top + bottom) @ pairs
 
 
+# Devices whose adaptive average pooling backward is deterministic (CPU: one thread per sample), which
+# keep torch's kernel and its rounding; on CUDA it accumulates with atomics and a mean runs instead.
+NATIVE_POOL_DEVICES = ("cpu",)
+
+
+class GlobalAvgPool(nn.Module):
+    """Average over the whole map, (N, C, H, W) -> (N, C, 1, 1): `adaptive_avg_pool2d(x, 1)`.
+
+    Off the CPU it is a mean over (H, W), whose backward is an expand (deterministic on CUDA, where
+    adaptive pooling's backward is not); the two differ in rounding only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type in NATIVE_POOL_DEVICES:
+            return F.adaptive_avg_pool2d(x, 1)
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 def _convnet_first_size(cfg: NetConfig) -> int:
     """Spatial size after the first 3×3 convolution."""
     return cfg.image_size + 2 * _mnist_padding(cfg, 1, 2) - 2
@@ -202,7 +219,7 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """BasicBlock ×[2, 2, 2, 2], widths 64–512. Global average pooling (the original's
-    `avg_pool2d(out, 4)` at 32×32) is adaptive here, so any image_size >= 8 works."""
+    `avg_pool2d(out, 4)` at 32×32) is global here, so any image_size >= 8 works."""
 
     def __init__(self, cfg: NetConfig):
         super().__init__()
@@ -215,12 +232,13 @@ class ResNet18(nn.Module):
                                         BasicBlock(planes, planes, 1, cfg.norm, cfg.activation)))
             in_planes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = GlobalAvgPool()
         self.classifier = nn.Linear(512, cfg.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.classifier(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return self.classifier(self.pool(out).flatten(1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +249,7 @@ _VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 class VGG11(nn.Module):
     """The DC 'VGG11'. A max-pool that would shrink the map below 1×1 (images under 32 px) is
-    skipped, and the final pooling is adaptive, so 16–64 px inputs all give 512 features."""
+    skipped, and the final pooling is global, so 16–64 px inputs all give 512 features."""
 
     def __init__(self, cfg: NetConfig):
         super().__init__()
@@ -249,7 +267,7 @@ class VGG11(nn.Module):
                 layers.append(norm)
             layers.append(_activation(cfg.activation))
             in_ch = v
-        layers.append(nn.AdaptiveAvgPool2d(1))
+        layers.append(GlobalAvgPool())
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(512, cfg.num_classes)
 

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from mctlib import networks
 from mctlib.networks import ARCHS, FlatModel, NetConfig, build_network, count_parameters
 
 CIFAR10 = NetConfig(arch="convnet", channels=3, num_classes=10, image_size=32, width=128, depth=3)
@@ -297,3 +298,27 @@ def test_avgpool2x2_keeps_torchs_behaviour_where_it_falls_back():
     torch.testing.assert_close(out, torch.nn.functional.avg_pool2d(x, 2, 2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert AvgPool2x2()(x).dtype == torch.float32  # no bf16 matmul under autocast
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11"])
+def test_global_pool_off_the_cpu_is_a_mean_with_a_deterministic_backward(arch, monkeypatch):
+    # CUDA's adaptive average pooling backward uses atomics; off the CPU the pool is a mean (issue 12).
+    # Run that formulation on the CPU and compare it, values and gradients, with torch's kernel.
+    cfg = NetConfig(arch=arch, channels=3, num_classes=10, image_size=16, norm="instancenorm")
+    net = build_network(cfg, seed=0).double()
+    x = torch.rand(4, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    native = net(x)
+    (native_grad,) = torch.autograd.grad(native.square().sum(), x)
+    monkeypatch.setattr(networks, "NATIVE_POOL_DEVICES", ())
+    out = net(x)
+    nodes, stack, seen = [], [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            nodes.append(type(node).__name__)
+            stack += [f for f, _ in node.next_functions]
+    assert "MeanBackward1" in nodes and not any(n.startswith("AdaptiveAvgPool") for n in nodes)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, native, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad, native_grad, atol=1e-12, rtol=0)
