@@ -10,6 +10,7 @@ All operations are differentiable w.r.t. the images and vectorised over the batc
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -256,6 +257,12 @@ _OP_FNS = {
 }
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _host_choice(seed: int, n: int) -> int:
+    """randint(0, n) as the first draw of a CPU generator seeded with `seed` (read on the host: no sync)."""
+    return int(torch.randint(0, n, (1,), generator=make_generator(seed, "cpu")))
+
+
 class DSA:
     """DSA in 'S' mode: one strategy group per call, random parameters per sample, seeded draws."""
 
@@ -269,15 +276,12 @@ class DSA:
         """The groups 'S' mode chooses from."""
         return self.params.groups
 
-    def _draw_group(self, g: torch.Generator) -> str:
-        """Uniform choice of one group, drawn from the CPU generator g (DSA's 'S' mode)."""
-        i = torch.randint(0, len(self.groups), (1,), generator=g)
-        return self.groups[int(i)]  # a CPU tensor: reading it waits for no device
-
     def choose_group(self, seed: int) -> str:
-        """The group that `self(x, seed)` applies, the same on every device: it is drawn on the host,
-        so that choosing which operations to launch never waits for a GPU."""
-        return self._draw_group(make_generator(seed, "cpu"))
+        """The group that `self(x, seed)` applies, the same on every device: the first draw of a CPU
+        generator seeded with `seed` (DSA's 'S' mode). It is drawn on the host, so choosing which
+        operations to launch never waits for a GPU, and remembered per seed, so the recomputations
+        of the checkpointed and constant-memory modes do not draw it again."""
+        return self.groups[_host_choice(int(seed), len(self.groups))]
 
     def apply(self, x: torch.Tensor, group: str, generator: torch.Generator) -> torch.Tensor:
         """One group ('color' = brightness, saturation, contrast) or one single op, drawn from generator."""
@@ -299,11 +303,14 @@ class DSA:
 
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         """DSA 'S' mode: one group chosen by `seed` on the host, then per-sample parameters drawn on
-        x.device. On CPU both come from one generator, the group draw first (as DSA's code does)."""
+        x.device from a generator seeded with `seed`. On the CPU that is the generator the group was
+        drawn from, continued past that draw, as in DSA's code (so CPU results are what they were)."""
         _check_images(x)
-        host = make_generator(seed, "cpu")
-        group = self._draw_group(host)
-        return self.apply(x, group, host if x.device.type == "cpu" else make_generator(seed, x.device))
+        group = self.choose_group(seed)
+        g = make_generator(seed, x.device)
+        if x.device.type == "cpu":
+            torch.randint(0, len(self.groups), (1,), generator=g)  # the group draw, already made
+        return self.apply(x, group, g)
 
     def __repr__(self) -> str:
         return f"DSA({self.params!r})"

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .config import DataConfig, DistillConfig, EvalConfig, ExpertConfig, get_preset, presets
+from .device import PRECISIONS
 from .networks import NetConfig
 
 SECTIONS = {"data": DataConfig, "net": NetConfig, "expert": ExpertConfig, "distill": DistillConfig, "eval": EvalConfig}
@@ -132,6 +133,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="a named preset (list them with `mctlib presets`)")
     parser.add_argument("--config", help="JSON file with sections data/net/expert/distill/eval")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="fp32 (default, no TF32), tf32 (CUDA tensor cores) or bf16 (autocast); recorded "
+                             "with the device in the outputs, and checked by `mctlib check`")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--dist-backend", default="auto",
                         help="under torchrun: auto (nccl on GPUs, gloo on CPUs), nccl, gloo")
@@ -183,6 +187,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark the engine; prints a table and writes JSON", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
 
+    p = sub.add_parser("check", help="check the engine on a device against CPU float64, and time it", add_help=False)
+    p.add_argument("check_args", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("presets", help="list the named presets")
     return parser
 
@@ -193,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["check"]:  # so has the acceptance check
+        from .bench.check import main as check_main
+
+        return check_main(argv[1:])
     parser = make_parser()
     args = parser.parse_args(argv)
     args.argv = argv  # the command as given, for the one that continues a diverged run
@@ -336,7 +347,7 @@ def _experts(args, parser) -> int:
             return 0
     else:
         store = make_experts(data, c["net"], c["expert"], out, device=device, progress=not args.no_progress,
-                             ensemble_size=args.ensemble_size)
+                             ensemble_size=args.ensemble_size, precision=args.precision)
     stats = store.manifest["stats"]
     acc = stats["test_accuracy"]
     print(f"{len(acc)} experts ({store.kind} records) in {stats['seconds']:.1f}s, test accuracy "
@@ -389,7 +400,8 @@ def _distill(args, parser) -> int:
     try:
         result = distill(c["distill"], store, data, c["eval"], out, resume=args.resume,
                          device=device if args.group is None else None, progress=not args.no_progress,
-                         run_info={"command": sys.argv, "preset": args.preset}, group=args.group)
+                         run_info={"command": sys.argv, "preset": args.preset}, group=args.group,
+                         precision=args.precision)
     except ValueError as err:
         sp.error(str(err))
     if args.group is not None and not args.group.writer:
@@ -455,7 +467,7 @@ def _evaluate(args, parser) -> int:
     out = _destination(args, sp)
     device = _device(args, sp) if args.group is None else args.group.device
     share = args.group
-    from .device import versions
+    from .device import compute_identity, versions
     from .distill import load_synthetic
     from .evaluate import evaluate_synthetic, full_data_baseline, random_real_baseline
     from .storage import atomic_write_json
@@ -469,14 +481,16 @@ def _evaluate(args, parser) -> int:
     try:  # each checks its training set (shape, labels, lr) before training anything
         if args.synthetic:
             images, labels, alpha = load_synthetic(args.synthetic)
-            results = evaluate_synthetic(images, labels, alpha, data, c["net"], c["eval"], device, share=share)
+            results = evaluate_synthetic(images, labels, alpha, data, c["net"], c["eval"], device, share=share,
+                                         precision=args.precision)
             source = {"synthetic": args.synthetic, "alpha": alpha}
         elif args.baseline == "random_real":
             results = random_real_baseline(data, args.ipc, c["net"], c["eval"], lr=args.lr, seed=c["eval"].seed,
-                                           device=device, share=share)
+                                           device=device, share=share, precision=args.precision)
             source = {"baseline": "random_real", "ipc": args.ipc, "lr": args.lr}
         else:
-            results = full_data_baseline(data, c["net"], c["eval"], lr=args.lr, device=device, share=share)
+            results = full_data_baseline(data, c["net"], c["eval"], lr=args.lr, device=device, share=share,
+                                         precision=args.precision)
             source = {"baseline": "full", "lr": args.lr}
     except ValueError as err:
         sp.error(str(err))
@@ -485,8 +499,8 @@ def _evaluate(args, parser) -> int:
     for r in results:
         print(r)
     atomic_write_json(out / "metrics.json", {"source": source, "results": [r.to_dict() for r in results],
-                                             "config": {s: c[s].to_dict() for s in c}, "versions": versions(),
-                                             "command": sys.argv})
+                                             "config": {s: c[s].to_dict() for s in c}, "versions": versions(device),
+                                             "compute": compute_identity(device, args.precision), "command": sys.argv})
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import sys
 
@@ -11,13 +13,53 @@ from . import SMALL_MACHINE_CORES, available_cores
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`None` or "auto" picks CUDA when present, else CPU; anything else is taken as given."""
+    """`None` or "auto" picks CUDA when present, else CPU; anything else is taken as given.
+
+    Every entry point resolves its device here, so this is also where a CUDA run is made
+    reproducible and full precision (`configure_determinism`) before its first kernel."""
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU; use --device cpu or 'auto'")
+    if device.type == "cuda":
+        configure_determinism()
     return device
+
+
+def configure_determinism() -> dict:
+    """Deterministic kernels and no TF32, the defaults of every CUDA run (issue 12).
+
+    - torch.use_deterministic_algorithms(True): a kernel without a deterministic version raises
+      instead of silently changing results between runs (the library's own non-deterministic
+      backwards, grid_sample, gather and adaptive pooling, are replaced off the CPU; see
+      augment.NATIVE_DEVICES and networks.GlobalAvgPool); cuBLAS needs CUBLAS_WORKSPACE_CONFIG for it,
+      set here if the user has not (it must precede the first cuBLAS call).
+      fill_uninitialized_memory stays off: the library never reads memory it has not written.
+    - cudnn.deterministic, no cudnn.benchmark: the same convolution algorithm on every run.
+    - TF32 off for cuDNN (torch's default is on) and matmuls: fp32 is fp32 unless `precision="tf32"`
+      (`precision_context`) says otherwise.
+    Only CUDA runs call it: on the CPU the kernels the library uses are deterministic at a fixed
+    thread count already (tests/test_distill.py), and deterministic mode would route CPU index_put
+    through a slower path."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return determinism()
+
+
+def determinism() -> dict:
+    """The process's current determinism and TF32 settings (recorded by `mctlib check`)."""
+    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
 
 
 def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -48,8 +90,6 @@ def configure_threads(threads: int | None = None, tune_allocator: bool = True) -
     an iteration). Returns what was set. Changes no result beyond the last bits that any thread
     count does.
     """
-    import os
-
     cores = available_cores()
     if threads is None and os.environ.get("MCTLIB_THREADS"):
         value = os.environ["MCTLIB_THREADS"]
@@ -84,20 +124,55 @@ def tune_glibc_allocator() -> bool:
         return False
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-def autocast(precision: str = "fp32", device: str | torch.device = "cpu"):
-    """The context a student forward/backward runs in at `precision`: "fp32" changes nothing,
-    "bf16" is torch.autocast (convolutions and matmuls in bfloat16, reductions and the parameter
-    update stay float32). Check a new precision against fp32 before trusting it (`mctlib bench`)."""
-    import contextlib
+def precision_context(precision: str = "fp32", device: str | torch.device = "cpu"):
+    """The context a forward/backward runs in at `precision` (the one place precision is applied).
 
+    "fp32": float32 throughout, TF32 off (the default; `configure_determinism` turns off torch's
+    cuDNN TF32). "tf32": cuDNN convolutions and matmuls may use TF32 tensor cores (10-bit mantissa
+    inputs, float32 accumulation; on a CPU it changes nothing). "bf16": torch.autocast to bfloat16
+    (convolutions and matmuls in bfloat16, reductions and the parameter update float32; DSA opts
+    out). Each is checked against fp32 by `mctlib check`, with tolerances per precision."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} unknown; choose one of {list(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    stack = contextlib.ExitStack()
+    stack.enter_context(_tf32(precision == "tf32"))
+    if precision == "bf16":
+        stack.enter_context(torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16))
+    return stack
+
+
+autocast = precision_context  # the name the bench used first
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def device_name(device: str | torch.device) -> str:
+    """What identifies a device's arithmetic in a run's config: "cpu", or "cuda (<GPU model>)".
+    Two GPUs of the same model give the same results; another model, or the CPU, need not."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+def compute_identity(device: str | torch.device, precision: str = "fp32") -> dict:
+    """The part of a run's identity that is where and how it computes: device name and precision.
+    A run resumed or a result reused elsewhere would silently follow other random streams (DSA draws
+    on the device) and other rounding, so resume and caches compare it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} unknown; choose one of {list(PRECISIONS)}")
+    return {"device": device_name(device), "precision": precision}
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -106,12 +181,15 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.channels_last)
 
 
-def versions() -> dict:
-    """Library and machine versions recorded next to every output."""
+def versions(device: str | torch.device | None = None) -> dict:
+    """Library and machine versions recorded next to every output. The GPU is recorded when `device`
+    is a CUDA device, or, for device None, whenever torch sees one; never for a CPU run."""
     import numpy
 
     from . import __version__
 
+    gpu_device = torch.device("cuda") if device is None else torch.device(device)
+    gpu = gpu_device.type == "cuda" and torch.cuda.is_available()
     info = {
         "mctlib": __version__,
         "python": sys.version.split()[0],
@@ -120,8 +198,8 @@ def versions() -> dict:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda if gpu else None,
+        "gpu": torch.cuda.get_device_name(gpu_device) if gpu else None,
     }
     try:
         import torchvision

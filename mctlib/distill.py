@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 from .augment import make_augment
 from .config import DistillConfig, EvalConfig
 from .data import Dataset, real_images_per_class
-from .device import resolve_device, versions
+from .device import compute_identity, precision_context, resolve_device, versions
 from .evaluate import evaluate_synthetic
 from .matching import Student, match, plan_student
 from .networks import FlatModel, build_network
@@ -47,6 +47,8 @@ STEP_SIZE_CHANGES = ("lr_img", "lr_lr")
 # scale), while lr_img 1e9 is at 2e6 times after one iteration and its set scores 6 %.
 RUNAWAY_PIXEL_RMS = 1e4
 RUNAWAY_LOSS = 1e4
+# What a run recorded before its config held "compute": the engine had only ever run on the CPU, in fp32.
+LEGACY_COMPUTE = {"device": "cpu", "precision": "fp32"}
 
 
 class DivergenceError(FloatingPointError):
@@ -200,6 +202,7 @@ def _load_checkpoint(run_dir: Path, config: dict, device: torch.device) -> _Stat
         raise CheckpointError(f"{path} fails its checksum: its tensors or state were altered or damaged after it "
                               "was written; restore a copy or delete it to start over")
     saved = json.loads(meta["config"])
+    saved.setdefault("compute", LEGACY_COMPUTE)
     diff = _config_diff(saved, config)
     if diff:
         raise CheckpointError(f"{path} belongs to a run with another configuration: {diff}; "
@@ -273,26 +276,30 @@ def load_synthetic(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, float]
         raise ValueError(f"{path} is not a readable mctlib synthetic set ({err})") from err
 
 
-def run_config(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_cfg: EvalConfig | None) -> dict:
+def run_config(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_cfg: EvalConfig | None,
+               device=None, precision: str = "fp32") -> dict:
     """What decides the computation of a run, as config.json holds it (and resume compares it): the
-    configs, the data, and the store by its content (the experts' checksums), not by its path."""
+    configs, the data, the store by its content (the experts' checksums), not by its path, and where
+    and how it computes (device name and precision: DSA's draws and the rounding depend on them)."""
     config = {"distill": cfg.to_dict(), "eval": eval_cfg.to_dict() if eval_cfg else None, "net": store.net.to_dict(),
               "dataset": dataset.describe(),
-              "store": {"kind": store.kind, "experts": [e["sha256"] for e in store.manifest["experts"]]}}
+              "store": {"kind": store.kind, "experts": [e["sha256"] for e in store.manifest["experts"]]},
+              "compute": compute_identity(resolve_device(device), precision)}
     return json.loads(json.dumps(config))  # the form it has on disk (tuples become lists)
 
 
 def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_cfg: EvalConfig | None = None,
             run_dir: str | Path | None = None, resume: bool = False, device=None, progress: bool = True,
-            run_info: dict | None = None, group=None) -> DistillResult:
+            run_info: dict | None = None, group=None, precision: str = "fp32") -> DistillResult:
     """Run (or resume) one distillation; see the module docstring for what lands in `run_dir`.
+    `precision` (fp32, tf32, bf16; see device.precision_context) applies to the student's steps.
 
     `group` (a `distributed.Group`, from torchrun): the synthetic set's gradient is computed in shards
     over the ranks, every rank holds the same S and alpha, and rank 0 writes the run directory."""
     device = resolve_device(device) if group is None else group.device
     _check_store(cfg, store, dataset)
     net = store.net
-    config = run_config(cfg, store, dataset, eval_cfg)
+    config = run_config(cfg, store, dataset, eval_cfg, device, precision)
     writes = group is None or group.writer
     if group is not None:
         group.check_world_size(cfg.ipc * dataset.num_classes)
@@ -330,7 +337,7 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
     if run_dir is not None and writes:
         # run_info (command line, preset name) is recorded but, unlike `config`, not compared on resume.
         atomic_write_json(run_dir / "config.json", {**config, "seed": cfg.seed,
-                                                    "versions": about if group is not None else versions(),
+                                                    "versions": about if group is not None else versions(device),
                                                     "run": {"store_path": str(store.path), **(run_info or {})}})
 
     model = FlatModel(build_network(net)).to(device)
@@ -351,8 +358,8 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
             # evaluates with lr = alpha regardless, we record why this evaluation did not run.
             state.evals.append({"iteration": it, "skipped": f"alpha = {alpha_now:.3g} <= 0 at this iteration"})
             return
-        results = evaluate_synthetic(state.images, state.labels, float(state.alpha), dataset, net, eval_cfg, device,
-                                     share=group)
+        results = evaluate_synthetic(state.images, state.labels, alpha_now, dataset, net, eval_cfg, device,
+                                     share=group, precision=precision)
         entry = {"iteration": it, "mean": results[0].mean, "std": results[0].std,
                  "accuracies": results[0].accuracies, "archs": [r.to_dict() for r in results]}
         state.evals.append(entry)
@@ -377,12 +384,13 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
         record = records[expert]
         tau_start, tau_target = sample_window(state.generator, sampling, cfg.expert_epochs, cfg.max_start_epoch,
                                               record.epochs)
-        plan = plan_student(state.images.shape[0], cfg.syn_steps, cfg.batch_syn, state.generator)
+        plan = plan_student(state.images.shape[0], cfg.syn_steps, cfg.batch_syn, state.generator, device)
         images = state.images.requires_grad_(True)
         alpha = state.alpha.requires_grad_(True)
         images.grad, alpha.grad = None, None
-        result = match(student, images, state.labels, alpha, record.point(tau_start), record.point(tau_target),
-                       plan, cfg.gradient_mode)
+        with precision_context(precision, device):
+            result = match(student, images, state.labels, alpha, record.point(tau_start),
+                           record.point(tau_target), plan, cfg.gradient_mode)
         if group is not None:
             group.sum_image_grad(images)
         with torch.no_grad():
@@ -391,7 +399,11 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
             state.lr_velocity.mul_(cfg.momentum).add_(alpha.grad)
             state.images = (images - cfg.lr_img * state.img_velocity).detach()
             state.alpha = (alpha - cfg.lr_lr * state.lr_velocity).detach()
-        cause, to_lower = _divergence(result.loss, state.images, float(state.alpha), cfg, data_rms, state.log)
+        # The iteration's one read-back from the device: loss, alpha, whether S is finite and its norm.
+        loss, _, alpha_now, finite, norm = result.read(state.alpha, torch.isfinite(state.images).all(),
+                                                        torch.linalg.vector_norm(state.images.detach()))
+        rms = norm / math.sqrt(max(state.images.numel(), 1))
+        cause, to_lower = _divergence(loss, bool(finite), rms, alpha_now, cfg, data_rms, state.log)
         if cause:
             if run_dir is not None and writes:
                 _save_checkpoint(run_dir, good, config)
@@ -401,8 +413,7 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
             raise DivergenceError(f"distillation diverged at iteration {it}: {cause}{where}", to_lower, suggested)
         state.iteration = it
         seconds = time.perf_counter() - tick
-        alpha_now = float(state.alpha)
-        state.log.append({"iteration": it, "loss": result.loss, "tau_start": tau_start, "tau_target": tau_target,
+        state.log.append({"iteration": it, "loss": loss, "tau_start": tau_start, "tau_target": tau_target,
                           "alpha": alpha_now, "expert": expert, "seconds": seconds})
         if alpha_now <= 0 and not warned:
             warned = True
@@ -411,7 +422,7 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
                           "(alpha_nonpositive_iterations)", AlphaNonPositiveWarning, stacklevel=2)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", alpha=f"{float(state.alpha):.4g}")
+            bar.set_postfix(loss=f"{loss:.4f}", alpha=f"{alpha_now:.4g}")
         if (cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations)) or it in cfg.eval_at:
             evaluate_now(it)
         if run_dir is not None and writes and (it % cfg.checkpoint_every == 0 or it == cfg.iterations):
@@ -429,9 +440,10 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
                          best, config)
 
 
-def _divergence(loss: float, images: torch.Tensor, alpha: float, cfg: DistillConfig, data_rms: float,
+def _divergence(loss: float, images_finite: bool, rms: float, alpha: float, cfg: DistillConfig, data_rms: float,
                 log: list[dict]) -> tuple[str | None, str]:
-    """(what went wrong, the step size to lower), or (None, "") for a healthy iteration."""
+    """(what went wrong, the step size to lower), or (None, "") for a healthy iteration. The images
+    come in as read back once per iteration: finite or not, and their pixel RMS."""
     # alpha far from where it started means lr_lr moved it; otherwise the image step is to blame.
     alpha_ran = not math.isfinite(alpha) or abs(alpha) > 100 * cfg.lr_teacher
     field = "lr_lr" if alpha_ran else "lr_img"
@@ -440,9 +452,8 @@ def _divergence(loss: float, images: torch.Tensor, alpha: float, cfg: DistillCon
     if not math.isfinite(loss):
         return (f"the matching loss is {loss} (alpha = {alpha:.3g}); {field} = {getattr(cfg, field):g} "
                 "is probably too high"), field
-    if not torch.isfinite(images).all():
+    if not images_finite:
         return f"the synthetic images hold NaN/Inf; lower lr_img (now {cfg.lr_img:g})", "lr_img"
-    rms = _rms(images.detach())
     if rms > RUNAWAY_PIXEL_RMS * data_rms:
         return (f"the synthetic images ran away (pixel RMS {rms:.3g}, {rms / data_rms:.3g} times the real data's); "
                 f"lower lr_img (now {cfg.lr_img:g})"), "lr_img"

@@ -15,7 +15,7 @@ import torch
 from .augment import make_augment
 from .config import EvalConfig
 from .data import Dataset, real_images_per_class
-from .device import resolve_device
+from .device import precision_context, resolve_device
 from .networks import FlatModel, NetConfig, build_network
 from .training import SGDRecipe, accuracy, derive_seed, train_networks
 
@@ -49,12 +49,21 @@ def eval_net_config(net: NetConfig, arch: str) -> NetConfig:
 
 
 def train_and_test(images: torch.Tensor, labels: torch.Tensor, lr: float, dataset: Dataset, net: NetConfig,
-                   cfg: EvalConfig, device=None, progress=None, share=None) -> list[EvalResult]:
+                   cfg: EvalConfig, device=None, progress=None, share=None,
+                   precision: str = "fp32") -> list[EvalResult]:
     """Train cfg.num_eval fresh networks per architecture on (images, labels); test on dataset's test split.
+    Training and testing run at `precision` (see device.precision_context).
 
     `share` (a `distributed.Group`): this rank trains its share of the networks and the accuracies of
     all ranks are gathered; network i of architecture a is seeded by (a, i) wherever it trains."""
     check_training_set(images, labels, lr, net)
+    device = resolve_device(device)
+    with precision_context(precision, device):
+        return _train_and_test(images, labels, lr, dataset, net, cfg, device, progress, share)
+
+
+def _train_and_test(images: torch.Tensor, labels: torch.Tensor, lr: float, dataset: Dataset, net: NetConfig,
+                    cfg: EvalConfig, device, progress, share) -> list[EvalResult]:
     device = resolve_device(device)
     images, labels = images.detach().to(device), labels.to(device)
     test_x, test_y = dataset.test_images.to(device), dataset.test_labels.to(device)
@@ -103,22 +112,23 @@ def check_training_set(images: torch.Tensor, labels: torch.Tensor, lr: float, ne
 
 
 def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, alpha: float, dataset: Dataset, net: NetConfig,
-                       cfg: EvalConfig, device=None, share=None) -> list[EvalResult]:
+                       cfg: EvalConfig, device=None, share=None, precision: str = "fp32") -> list[EvalResult]:
     """Accuracy of networks trained on a distilled set with its learned lr alpha."""
     if not (alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"learned lr alpha = {alpha} must be a finite positive number to train on the synthetic set")
-    return train_and_test(images, labels, alpha, dataset, net, cfg, device, share=share)
+    return train_and_test(images, labels, alpha, dataset, net, cfg, device, share=share, precision=precision)
 
 
 def random_real_baseline(dataset: Dataset, ipc: int, net: NetConfig, cfg: EvalConfig, lr: float = 0.01,
-                         seed: int = 0, device=None, share=None) -> list[EvalResult]:
+                         seed: int = 0, device=None, share=None, precision: str = "fp32") -> list[EvalResult]:
     """Same protocol on a random real subset with `ipc` images per class."""
     gen = torch.Generator().manual_seed(seed)
     images, labels = real_images_per_class(dataset.train_images, dataset.train_labels, dataset.num_classes, ipc, gen)
-    return train_and_test(images, labels, lr, dataset, net, cfg, device, share=share)
+    return train_and_test(images, labels, lr, dataset, net, cfg, device, share=share, precision=precision)
 
 
 def full_data_baseline(dataset: Dataset, net: NetConfig, cfg: EvalConfig, lr: float = 0.01,
-                       device=None, share=None) -> list[EvalResult]:
+                       device=None, share=None, precision: str = "fp32") -> list[EvalResult]:
     """Same protocol on the whole training set: the ceiling a synthetic set is measured against."""
-    return train_and_test(dataset.train_images, dataset.train_labels, lr, dataset, net, cfg, device, share=share)
+    return train_and_test(dataset.train_images, dataset.train_labels, lr, dataset, net, cfg, device, share=share,
+                          precision=precision)

@@ -24,7 +24,8 @@ import torch
 
 from .config import DistillConfig, EvalConfig, Preset, get_preset, presets
 from .data import Dataset
-from .distill import CHECKPOINT, DistillResult, DivergenceError, distill, evaluated, load_synthetic, run_config
+from .distill import (CHECKPOINT, LEGACY_COMPUTE, DistillResult, DivergenceError, distill, evaluated, load_synthetic,
+                      run_config)
 from .evaluate import EvalResult, full_data_baseline, random_real_baseline
 from .networks import FlatModel, NetConfig, build_network
 from .notebook import config_key
@@ -153,11 +154,12 @@ def run_or_load(name: str, distill_cfg: DistillConfig, store: TrajectoryStore, d
     interrupted (or asked for more iterations), computed if absent. A directory holding another
     configuration raises `RunMismatchError` naming both sides; a run that diverged before raises again."""
     run_dir = Path(runs_dir) / name
-    wanted = run_config(distill_cfg, store, dataset, eval_cfg)
+    wanted = run_config(distill_cfg, store, dataset, eval_cfg, device)
     config_file = run_dir / "config.json"
     status = "computed"
     if config_file.exists():
         on_disk = {k: v for k, v in json.loads(config_file.read_text()).items() if k in wanted}
+        on_disk.setdefault("compute", LEGACY_COMPUTE)
         done = _iterations_done(run_dir)
         diff = _differences({**on_disk, "distill": {**on_disk.get("distill", {}), "iterations": None}},
                             {**wanted, "distill": {**wanted["distill"], "iterations": None}})

@@ -15,7 +15,7 @@ import torch
 from .augment import make_augment
 from .config import ExpertConfig
 from .data import Dataset
-from .device import resolve_device
+from .device import compute_identity, precision_context, resolve_device
 from .networks import FlatModel, NetConfig, build_network
 from .storage import TrajectoryStore, check_destination, load_store, save_store
 from .training import SGDRecipe, accuracy, derive_seed, train_networks
@@ -79,15 +79,21 @@ def train_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, device=No
 
 
 def make_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, out: str | Path, device=None,
-                 progress: bool = False, overwrite: bool = False, ensemble_size: int = 8) -> TrajectoryStore:
-    """Train experts and write their store to `out` (refuses to overwrite an existing store)."""
+                 progress: bool = False, overwrite: bool = False, ensemble_size: int = 8,
+                 precision: str = "fp32") -> TrajectoryStore:
+    """Train experts at `precision` (see device.precision_context) and write their store to `out`
+    (refuses to overwrite an existing store); the manifest records the device name and precision."""
     out = Path(out)
     if (out / "manifest.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a trajectory store; choose another --out, or load it with load_store")
     check_destination(out)  # before training: a folder that cannot be written would lose it all
-    records, seeds, stats = train_experts(dataset, net, cfg, device, ensemble_size=ensemble_size, progress=progress)
+    device = resolve_device(device)
+    with precision_context(precision, device):
+        records, seeds, stats = train_experts(dataset, net, cfg, device, ensemble_size=ensemble_size,
+                                              progress=progress)
     save_store(out, records, net, dataset.describe(), cfg.to_dict(), seeds, store_theta0=cfg.store_theta0,
-               extra={"stats": stats, "beta_schedule": cfg.beta_schedule if cfg.record == "convex" else None,
+               extra={"stats": stats, "compute": compute_identity(device, precision),
+                      "beta_schedule": cfg.beta_schedule if cfg.record == "convex" else None,
                       "smooth": cfg.smooth if cfg.record == "convex" else None}, overwrite=overwrite)
     return load_store(out)
 

@@ -40,9 +40,28 @@ class StudentPlan:
     def syn_steps(self) -> int:
         return len(self.batches)
 
+    @property
+    def device(self) -> torch.device:
+        return self.batches[0].device
 
-def plan_student(num_images: int, syn_steps: int, batch_syn: int | None, generator: torch.Generator) -> StudentPlan:
-    """MTT's schedule: walk through random permutations of S in chunks of batch_syn."""
+    def to(self, device: str | torch.device) -> "StudentPlan":
+        """The plan with its minibatch indices on `device`, in one host-to-device copy. Indexing a GPU
+        tensor with CPU indices copies them at each use (in the unroll and in its backward), and the
+        copy waits for the GPU; an index tensor already there does not."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        flat = torch.cat(self.batches)
+        if device.type == "cuda":
+            flat = flat.pin_memory()  # a pinned source lets the copy run without waiting for the GPU
+        flat = flat.to(device, non_blocking=True)
+        return StudentPlan(tuple(flat.split([len(b) for b in self.batches])), self.aug_seeds)
+
+
+def plan_student(num_images: int, syn_steps: int, batch_syn: int | None, generator: torch.Generator,
+                 device: str | torch.device | None = None) -> StudentPlan:
+    """MTT's schedule: walk through random permutations of S in chunks of batch_syn, drawn from the
+    (CPU) `generator`; the indices are then placed on `device` (the run's device; default the CPU)."""
     batch = num_images if batch_syn is None else min(batch_syn, num_images)
     batches, pending = [], []
     for _ in range(syn_steps):
@@ -50,7 +69,8 @@ def plan_student(num_images: int, syn_steps: int, batch_syn: int | None, generat
             pending = list(torch.randperm(num_images, generator=generator).split(batch))
         batches.append(pending.pop(0))
     seeds = torch.randint(2**62, (syn_steps,), generator=generator).tolist()
-    return StudentPlan(tuple(batches), tuple(int(s) for s in seeds))
+    plan = StudentPlan(tuple(batches), tuple(int(s) for s in seeds))
+    return plan if device is None else plan.to(device)
 
 
 def matching_loss(theta_end: torch.Tensor, theta_start: torch.Tensor, theta_target: torch.Tensor) -> torch.Tensor:
@@ -73,6 +93,9 @@ class Student:
              create_graph: bool = False) -> torch.Tensor:
         """g_k = grad_theta CE(f(DSA(S_{b_k}); theta), y_{b_k}); `theta` must require grad."""
         idx = plan.batches[k]
+        if idx.device != images.device:
+            raise ValueError(f"the student plan is on {idx.device} but the images on {images.device}; "
+                             "make it with plan_student(..., device=images.device) or plan.to(device)")
         x = images[idx]
         if self.augment is not None:
             x = self.augment(x, plan.aug_seeds[k])
@@ -94,28 +117,70 @@ class Student:
         return theta, kept, grad_sum
 
 
-@dataclass
+# Devices whose tensors the host reads without waiting for queued work: on them match() checks
+# the window's length at once; elsewhere (CUDA) the check waits for the caller's one read-back.
+HOST_DEVICES = ("cpu",)
+
+
 class MatchResult:
-    loss: float
-    theta_end: torch.Tensor      # theta_N, detached
-    start_distance: float        # ||theta_start - theta_target||^2
+    """What one matching evaluation returns, as device tensors: reading them waits for the device,
+    so the caller reads them once per iteration (`read`, or the `loss`/`start_distance` properties,
+    which read and check together on first use)."""
+
+    def __init__(self, loss: torch.Tensor, theta_end: torch.Tensor, start_distance: torch.Tensor) -> None:
+        self.loss_tensor = loss.detach()                 # L
+        self.theta_end = theta_end                       # theta_N, detached
+        self.distance_tensor = start_distance.detach()   # ||theta_start - theta_target||^2
+        self._values: tuple[float, ...] | None = None
+
+    def read(self, *extra: torch.Tensor) -> tuple[float, ...]:
+        """(loss, start_distance, *extra) as floats, in one device-to-host copy; raises ValueError
+        for a zero-length expert window (whose loss is 0/0)."""
+        values = torch.stack([t.detach().reshape(()).to(torch.float64)
+                              for t in (self.loss_tensor, self.distance_tensor, *extra)]).tolist()
+        _check_window(values[1])
+        self._values = tuple(values[:2])
+        return tuple(values)
+
+    @property
+    def loss(self) -> float:
+        if self._values is None:
+            self.read()
+        return self._values[0]
+
+    @property
+    def start_distance(self) -> float:
+        if self._values is None:
+            self.read()
+        return self._values[1]
+
+
+def _check_window(distance: float) -> None:
+    if not distance > 0:
+        raise ValueError("theta_start equals theta_target: the expert window has zero length (check expert_epochs)")
 
 
 def match(student: Student, images: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor,
           theta_start: torch.Tensor, theta_target: torch.Tensor, plan: StudentPlan,
           mode: str = "unrolled") -> MatchResult:
-    """One matching evaluation; accumulates dL/dS into images.grad and dL/dalpha into alpha.grad."""
+    """One matching evaluation; accumulates dL/dS into images.grad and dL/dalpha into alpha.grad.
+
+    Nothing in it waits for the device: the plan is moved to the images' device if it is not there
+    yet (distill makes it there), DSA chooses its groups on the host, and the loss stays a tensor.
+    On a host device (CPU) a zero-length window raises here, before any gradient is accumulated;
+    on a GPU it raises when the result is read."""
     theta_start, theta_target = theta_start.detach(), theta_target.detach()
+    plan = plan.to(images.device)
     denom = (theta_start - theta_target).pow(2).sum()
-    if not denom > 0:
-        raise ValueError("theta_start equals theta_target: the expert window has zero length (check expert_epochs)")
+    if denom.device.type in HOST_DEVICES:
+        _check_window(float(denom))
     if mode == "unrolled":
         theta = theta_start.clone().requires_grad_(True)
         for k in range(plan.syn_steps):
             theta = theta - alpha * student.grad(theta, images, labels, plan, k, create_graph=True)
         loss = matching_loss(theta, theta_start, theta_target)
         loss.backward()
-        return MatchResult(loss.item(), theta.detach(), denom.item())
+        return MatchResult(loss, theta.detach(), denom)
     if mode not in ("checkpointed", "constant_memory"):
         raise ValueError(f"gradient mode {mode!r} unknown; choose unrolled, checkpointed or constant_memory")
 
@@ -147,7 +212,7 @@ def match(student: Student, images: torch.Tensor, labels: torch.Tensor, alpha: t
             theta = theta.detach() - a * g.detach()
     _accumulate(images, image_grad)
     _accumulate(alpha, alpha_grad.reshape(alpha.shape))
-    return MatchResult(loss.item(), theta_end, denom.item())
+    return MatchResult(loss, theta_end, denom)
 
 
 def _accumulate(t: torch.Tensor, grad: torch.Tensor) -> None:
