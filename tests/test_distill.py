@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from mctlib.config import DistillConfig, EvalConfig, ExpertConfig
 from mctlib.data import load_dataset
 from mctlib.distill import (CHECKPOINT, AlphaNonPositiveWarning, CheckpointError, DivergenceError, distill,
-                            load_synthetic)
+                            initial_synthetic, load_synthetic)
 from mctlib.experts import make_experts
 from mctlib.networks import FlatModel, NetConfig, build_network
 from mctlib.storage import StoreError, load_store, save_store
@@ -188,3 +188,40 @@ def test_method_and_record_kind_must_agree(data, stores):
         distill(DistillConfig(method="mtt", **SMALL), stores[1], data, progress=False)
     with pytest.raises(StoreError, match=r"image_size: store \[8, 8\] vs requested \[16, 16\]"):
         distill(DistillConfig(method="mtt", **SMALL), stores[0], load_dataset("digits"), progress=False)
+
+
+# ---------------------------------------------------------------- device and precision (issue 12)
+
+
+def test_device_and_precision_are_recorded_and_a_mismatch_is_refused_naming_both(data, stores, tmp_path, monkeypatch):
+    from mctlib import device as device_module
+    from mctlib.experiments import RunMismatchError, run_or_load
+
+    cfg = DistillConfig(method="mct", **{**SMALL, "iterations": 4})
+    run = tmp_path / "run"
+    distill(cfg, stores[1], data, run_dir=run, progress=False, device="cpu")
+    config = json.loads((run / "config.json").read_text())
+    assert config["compute"] == {"device": "cpu", "precision": "fp32"}
+    assert config["versions"]["gpu"] is None and config["versions"]["cuda"] is None  # a CPU run names no GPU
+    with pytest.raises(CheckpointError, match="compute.precision: checkpoint 'fp32' vs now 'bf16'"):
+        distill(cfg.replace(iterations=6), stores[1], data, run_dir=run, resume=True, progress=False,
+                device="cpu", precision="bf16")
+    # Another device (a GPU here, faked by its name): refused on resume and by the run cache.
+    monkeypatch.setattr(device_module, "device_name", lambda d: "cuda (Fake GPU)")
+    with pytest.raises(CheckpointError, match=r"compute.device: checkpoint 'cpu' vs now 'cuda \(Fake GPU\)'"):
+        distill(cfg.replace(iterations=6), stores[1], data, run_dir=run, resume=True, progress=False, device="cpu")
+    with pytest.raises(RunMismatchError, match=r"compute.device: on disk 'cpu' vs requested 'cuda \(Fake GPU\)'"):
+        run_or_load("run", cfg, stores[1], data, runs_dir=tmp_path, device="cpu")
+
+
+def test_bf16_tracks_fp32_on_the_cpu(data, stores):
+    # bf16 autocast (8-bit mantissa) against fp32 on the same run: the matching losses stay close and the
+    # images move the same way; tolerances as `mctlib check` states them for bf16.
+    cfg = DistillConfig(method="mct", **{**SMALL, "iterations": 6})
+    fp32 = distill(cfg, stores[1], data, progress=False, device="cpu")
+    bf16 = distill(cfg, stores[1], data, progress=False, device="cpu", precision="bf16")
+    for a, b in zip(fp32.log, bf16.log):
+        assert abs(a["loss"] - b["loss"]) <= 0.05 * abs(a["loss"])
+    start, _ = initial_synthetic(data, cfg)
+    step32, step16 = (fp32.images - start).flatten(), (bf16.images - start).flatten()
+    assert torch.nn.functional.cosine_similarity(step32, step16, dim=0) > 0.99

@@ -272,3 +272,57 @@ def test_zero_length_window_raises(setup, mode):
 def test_unknown_gradient_mode_raises(setup):
     with pytest.raises(ValueError, match="gradient mode"):
         run_match(setup, make_plan(2), "truncated", dsa=False)
+
+
+# ---------------------------------------------------------------- no host sync (issue 12)
+
+
+READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")  # each waits for a GPU
+
+
+@pytest.mark.parametrize("mode", ("unrolled", "checkpointed", "constant_memory"))
+def test_a_match_reads_nothing_back_from_a_device(setup, mode, monkeypatch):
+    # matching.HOST_DEVICES = () makes the CPU behave as a GPU does here: no eager window check.
+    from mctlib import matching
+
+    monkeypatch.setattr(matching, "HOST_DEVICES", ())
+    dsa = DSA()
+    plan = make_plan(4)
+    groups = [dsa.choose_group(s) for s in plan.aug_seeds]  # the host's draws: CPU generators, made before
+    images = setup["images"].clone().requires_grad_(True)
+    a = torch.tensor(ALPHA, dtype=torch.float64, requires_grad=True)
+    seen = []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *args, _n=name, _o=original, **kw: seen.append(_n) or _o(self, *args, **kw))
+    result = match(Student(setup["model"], dsa), images, setup["labels"], a, setup["theta_start"],
+                   setup["theta_target"], plan, mode)
+    assert seen == [], f"{mode} read {seen} back from the device"
+    loss, distance, alpha = result.read(a)  # the caller's one read-back
+    assert seen == ["tolist"] and alpha == ALPHA and loss > 0 and distance > 0
+    assert groups == [dsa.choose_group(s) for s in plan.aug_seeds]
+
+
+def test_the_plan_moves_once_and_a_mismatched_plan_is_refused(setup):
+    plan = make_plan(3)
+    assert plan.to("cpu") is plan and plan.device == torch.device("cpu")
+    student = Student(setup["model"])
+    meta_plan = type(plan)(tuple(b.to("meta") for b in plan.batches), plan.aug_seeds)
+    with pytest.raises(ValueError, match="plan is on meta but the images on cpu"):
+        student.grad(setup["theta_start"].clone().requires_grad_(True), setup["images"], setup["labels"], meta_plan, 0)
+
+
+@pytest.mark.parametrize("mode", ("unrolled", "constant_memory"))
+def test_off_the_host_a_zero_window_raises_at_the_read(setup, mode, monkeypatch):
+    from mctlib import matching
+
+    monkeypatch.setattr(matching, "HOST_DEVICES", ())
+    images = setup["images"].clone().requires_grad_(True)
+    a = torch.tensor(ALPHA, dtype=torch.float64, requires_grad=True)
+    theta = setup["theta_start"]
+    result = match(Student(setup["model"]), images, setup["labels"], a, theta, theta.clone(), make_plan(2), mode)
+    with pytest.raises(ValueError, match="zero length"):
+        result.read()
+    with pytest.raises(ValueError, match="zero length"):
+        result.loss
