@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 JB     := $(VENV)/bin/jupyter-book
 
-.PHONY: book test unit notebooks strict-book bench clean
+.PHONY: book test unit notebooks strict-book bench check-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ test: strict-book notebooks unit
 
 bench: $(STAMP)
 	$(PY) -m mctlib bench
+
+# The acceptance check on a GPU (issue 12): every gradient mode against CPU float64, determinism,
+# resume, no host sync, then the CIFAR-10-shape timings; prints a table, writes JSON, fails on a failed
+# check. `make test` runs its CPU form (tests/test_check.py). CHECK_PRECISION=tf32|bf16 to check those.
+CHECK_PRECISION ?= fp32
+check-gpu: $(STAMP)
+	$(PY) -m mctlib check --device cuda --precision $(CHECK_PRECISION) --out runs/check/check-gpu-$(CHECK_PRECISION).json
 
 clean:
 	rm -rf _build
