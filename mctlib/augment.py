@@ -5,7 +5,10 @@ random parameters drawn per sample. Every random number comes from a `torch.Gene
 seeded by the caller, so a seed replays the exact same augmentation: the constant-memory
 gradient mode recomputes g_k on the same augmented batch, and the "siamese" property of DSA
 (the same transform on two batches) is simply "call twice with the same seed".
-All operations are differentiable w.r.t. the images and vectorised over the batch.
+All operations are differentiable w.r.t. the images and vectorised over the batch, and their
+backwards are deterministic on every device (off the CPU, scale, rotate and crop are written as
+explicit interpolations; see `NATIVE_DEVICES`). Which group a call applies is drawn on the host, so
+choosing it never waits for a GPU.
 """
 
 from __future__ import annotations
