@@ -30,11 +30,12 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 def configure_determinism() -> dict:
     """Deterministic kernels and no TF32, the defaults of every CUDA run (issue 12).
 
-    - torch.use_deterministic_algorithms(True): a kernel without a deterministic version raises
-      instead of silently changing results between runs (the library's own non-deterministic
-      backwards, grid_sample, gather and adaptive pooling, are replaced off the CPU; see
-      augment.NATIVE_DEVICES and networks.GlobalAvgPool); cuBLAS needs CUBLAS_WORKSPACE_CONFIG for it,
-      set here if the user has not (it must precede the first cuBLAS call).
+    - torch.use_deterministic_algorithms(True, warn_only=True): deterministic kernels wherever torch
+      has them; a kernel without one warns (and `mctlib check` fails on such a warning) rather than
+      stopping a reader's chapter. The library's own non-deterministic backwards, grid_sample, gather
+      and adaptive pooling, are replaced off the CPU (augment.NATIVE_DEVICES, networks.GlobalAvgPool).
+      cuBLAS needs CUBLAS_WORKSPACE_CONFIG for it, set here if the user has not (it must precede the
+      first cuBLAS call).
       fill_uninitialized_memory stays off: the library never reads memory it has not written.
     - cudnn.deterministic, no cudnn.benchmark: the same convolution algorithm on every run.
     - TF32 off for cuDNN (torch's default is on) and matmuls: fp32 is fp32 unless `precision="tf32"`
@@ -43,7 +44,7 @@ def configure_determinism() -> dict:
     thread count already (tests/test_distill.py), and deterministic mode would route CPU index_put
     through a slower path."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False

@@ -105,6 +105,7 @@ class Student:
     def unroll(self, theta_start: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor,
                plan: StudentPlan, keep: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Run the N steps without a graph: (theta_N, [theta_0..theta_{N-1}] if keep, G = sum_k g_k)."""
+        plan = plan.to(images.device)
         theta, kept = theta_start.detach(), []
         grad_sum = torch.zeros_like(theta)
         images, a = images.detach(), alpha.detach()

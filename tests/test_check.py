@@ -27,7 +27,7 @@ def test_every_cpu_check_passes(cpu_check):
     names = {c["check"] for c in result["checks"]}
     assert names == {*(f"modes_vs_float64[{m}]" for m in check.MODES), "checkpointed_equals_unrolled",
                      "ensemble_equals_sequential", "precision_vs_fp32[tf32]", "precision_vs_fp32[bf16]",
-                     "no_host_sync", "bit_reproducible", "resume_equals_uninterrupted"}
+                     "no_host_sync", "bit_reproducible", "resume_equals_uninterrupted", "deterministic_kernels"}
 
 
 def test_the_json_records_device_precision_and_timings(cpu_check):

@@ -37,6 +37,7 @@ def test_invalid_values_are_refused_naming_the_flag(capsys, tmp_path):
         (["experts", "--out", str(tmp_path / "e"), "--dataset", "imagenet"], "--dataset"),
         (["experts", "--out", str(tmp_path / "e"), "--num-waypoints", "1"], "--num-waypoints"),
         (["distill", "--store", "x", "--out", str(tmp_path / "r"), "--ipc", "ten"], "--ipc"),
+        (["distill", "--store", "x", "--out", str(tmp_path / "r"), "--precision", "fp16"], "--precision"),
     ]
     for argv, words in cases:
         with pytest.raises(SystemExit) as exit_:
@@ -75,6 +76,8 @@ def test_pipeline_end_to_end(full_store, tmp_path, capsys):
                  "--out", str(evaluated), "--num-eval", "2", "--epochs", "3", "--no-progress", "--device", "cpu"]) == 0
     result = json.loads((evaluated / "metrics.json").read_text())
     assert len(result["results"][0]["accuracies"]) == 2
+    assert result["compute"] == {"device": "cpu", "precision": "fp32"} and result["versions"]["gpu"] is None
+    assert json.loads((runs["mct", "unrolled"] / "config.json").read_text())["compute"]["device"] == "cpu"
     assert result["config"]["net"]["width"] == 16  # the network the set was distilled with, from its config.json
     with pytest.raises(SystemExit):  # network flags beside a run's config are ambiguous: refused
         main(["evaluate", "--synthetic", str(runs["mct", "unrolled"] / "synthetic_best.safetensors"),

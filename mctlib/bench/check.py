@@ -14,6 +14,8 @@ Checks, each passed or failed against a stated tolerance:
   on the CPU by counting reads of tensor values into Python (none may happen).
 - bit_reproducible / resume_equals_uninterrupted: two distillations with one seed give bit-identical
   synthetic sets, and one interrupted after its checkpoint and resumed ends bit-identical too.
+- deterministic_kernels: torch warned of no kernel without a deterministic version while the checks
+  ran (CUDA runs are in deterministic mode, `device.configure_determinism`).
 
 Timings: MTT and MCT per gradient mode (CUDA: the CIFAR-10 preset shapes at IPC 1/10/50 in fresh
 processes, with the original loop at IPC 1 and 50, the fraction of the matmul rate and memory against
@@ -30,6 +32,7 @@ import dataclasses
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -440,14 +443,20 @@ def run_check(device: str = "cpu", precision: str = "fp32", sizes: CheckSizes = 
             log(f"[{time.perf_counter() - started:5.1f} s] {'PASS' if r['passed'] else 'FAIL'}  {r['check']}: "
                 f"{r['detail']}")
 
-    add(check_modes_vs_float64(device, precision, sizes))
-    add(check_checkpointed_equals_unrolled(device, precision, sizes))
-    add(check_ensemble_equals_sequential(device, sizes, data))
-    add(check_precisions(device, sizes, data))
-    add(check_no_host_sync(device, precision, sizes))
-    with tempfile.TemporaryDirectory(prefix="mctlib-check-") as tmp:
-        store, experts_per_minute = _tiny_store(device, sizes, data, Path(tmp))
-        add(check_reproducible(device, precision, sizes, store, data, Path(tmp)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add(check_modes_vs_float64(device, precision, sizes))
+        add(check_checkpointed_equals_unrolled(device, precision, sizes))
+        add(check_ensemble_equals_sequential(device, sizes, data))
+        add(check_precisions(device, sizes, data))
+        add(check_no_host_sync(device, precision, sizes))
+        with tempfile.TemporaryDirectory(prefix="mctlib-check-") as tmp:
+            store, experts_per_minute = _tiny_store(device, sizes, data, Path(tmp))
+            add(check_reproducible(device, precision, sizes, store, data, Path(tmp)))
+    # torch warns (device.configure_determinism: warn_only) when a kernel has no deterministic version.
+    kernels = sorted({str(w.message).splitlines()[0] for w in caught if "deterministic" in str(w.message)})
+    add(_result("deterministic_kernels", not kernels, "every kernel the checks ran has a deterministic version"
+                if not kernels else f"{len(kernels)} without one: {'; '.join(kernels)[:300]}", kernels=kernels))
     result = {"format": FORMAT, "device": str(device), "device_name": device_name(device), "precision": precision,
               "determinism": determinism(), "versions": versions(device), "sizes": dataclasses.asdict(sizes),
               "checks": checks, "passed": all(c["passed"] for c in checks)}
