@@ -339,6 +339,8 @@ def _experts(args, parser) -> int:
     data = _load_data(c["data"], args.group)
     _check_net_data(sp, c["net"], data)
     if args.group is not None:
+        if args.precision != "fp32":  # distributed experts train in fp32 (their manifest records so)
+            sp.error(f"--precision {args.precision} is not available for experts on torchrun ranks; use fp32")
         from .distributed import make_experts as make_experts_on_ranks
 
         store = make_experts_on_ranks(data, c["net"], c["expert"], out, args.group, args.ensemble_size,

@@ -325,6 +325,7 @@ def make_experts(dataset, net, cfg, out, group: Group, ensemble_size: int = 8, p
     and notes are complete and intact, and trains only the others."""
     from safetensors.torch import save as st_save
 
+    from .device import compute_identity
     from .experts import train_experts
     from .storage import MANIFEST, _record_tensors, atomic_write_bytes, atomic_write_json, load_store, save_store
 
@@ -372,7 +373,8 @@ def make_experts(dataset, net, cfg, out, group: Group, ensemble_size: int = 8, p
                  "experts_per_minute": 60 * sum(len(c) for c in todo) / seconds if todo else None}
         # The manifest comes from the same function as a one-process store (it rewrites identical files).
         save_store(out, records, net, dataset.describe(), cfg.to_dict(), seeds, store_theta0=cfg.store_theta0,
-                   extra={"stats": stats, "beta_schedule": cfg.beta_schedule if cfg.record == "convex" else None,
+                   extra={"stats": stats, "compute": compute_identity(group.device, "fp32"),
+                          "beta_schedule": cfg.beta_schedule if cfg.record == "convex" else None,
                           "smooth": cfg.smooth if cfg.record == "convex" else None}, overwrite=True)
         for file in notes.iterdir():
             file.unlink()
