@@ -642,7 +642,7 @@ def _compute_floor(model, params, images, labels, recipe, seeds, augment, sequen
     per_epoch = int(counter.get_total_flops())
     steps_per_epoch = -(-images.shape[0] // recipe.batch_size)
     flops = per_epoch * recipe.epochs * params.shape[0]
-    rate = matmul_rate("cpu", n=2048, repeats=5)["fp32"] * 1e12
+    rate = matmul_rate("cpu", n=2048, repeats=5, kinds=("fp32",))["fp32"] * 1e12
     floor = flops / rate
     return {"flops": flops, "flops_per_network_epoch": per_epoch, "steps_per_epoch": steps_per_epoch,
             "flops_per_network_step": per_epoch / steps_per_epoch, "matmul_gflops": rate / 1e9,
@@ -878,12 +878,15 @@ def section_gpu(sizes: Sizes, precision: str, layout: bool, log) -> dict:
     return {"status": "measured", "rows": rows, "matmul": matmul_rate("cuda")}
 
 
-def matmul_rate(device: str, n: int = 8192, repeats: int = 10) -> dict:
-    """Measured dense matmul TFLOP/s on `device` in fp32 (TF32 off and on) and bf16."""
+def matmul_rate(device: str, n: int = 8192, repeats: int = 10, kinds=("fp32", "tf32", "bf16")) -> dict:
+    """Measured dense matmul TFLOP/s on `device` in fp32 (TF32 off and on) and bf16 (`kinds`: which of them;
+    a CPU without bf16 matmul units takes minutes for the bf16 row, so ask only for what is used)."""
     dev = torch.device(device)
     out = {}
     for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
                               ("bf16", torch.bfloat16, False)):
+        if name not in kinds:
+            continue
         before = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
