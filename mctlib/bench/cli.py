@@ -25,7 +25,7 @@ from .versus_reference import section_reference
 
 
 SECTIONS = ("experts", "distill", "memory", "eval", "pool", "reference", "threads", "precision", "gpu")
-# Run only when named: several fresh processes per row (mctlib/bench_distributed.py).
+# Run only when named: several fresh processes per row (mctlib/bench/distributed.py).
 OPTIONAL_SECTIONS = ("distributed",)
 
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if "gpu" in sections:
             result["gpu"] = section_gpu(sizes, args.precision, args.channels_last, log)
         if "distributed" in sections:
-            from ..bench_distributed import section_distributed
+            from .distributed import section_distributed
 
             result["distributed"] = section_distributed(log, quick=args.quick)
         if "experts" in result:

@@ -217,12 +217,15 @@ def _cifar_configs() -> list[tuple[str, int, int, int | None]]:
     return [("+".join(methods), ipc, steps, batch) for (ipc, steps, batch), methods in shapes.items()]
 
 
-def matmul_rate(device: str, n: int = 8192, repeats: int = 10) -> dict:
-    """Measured dense matmul TFLOP/s on `device` in fp32 (TF32 off and on) and bf16."""
+def matmul_rate(device: str, n: int = 8192, repeats: int = 10, kinds=("fp32", "tf32", "bf16")) -> dict:
+    """Measured dense matmul TFLOP/s on `device` in fp32 (TF32 off and on) and bf16 (`kinds`: which of them;
+    a CPU without bf16 matmul units takes minutes for the bf16 row, so ask only for what is used)."""
     dev = torch.device(device)
     out = {}
     for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
                               ("bf16", torch.bfloat16, False)):
+        if name not in kinds:
+            continue
         before = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:

@@ -102,7 +102,7 @@ def _compute_floor(model, params, images, labels, recipe, seeds, augment, sequen
     per_epoch = int(counter.get_total_flops())
     steps_per_epoch = -(-images.shape[0] // recipe.batch_size)
     flops = per_epoch * recipe.epochs * params.shape[0]
-    rate = matmul_rate("cpu", n=2048, repeats=5)["fp32"] * 1e12
+    rate = matmul_rate("cpu", n=2048, repeats=5, kinds=("fp32",))["fp32"] * 1e12
     floor = flops / rate
     return {"flops": flops, "flops_per_network_epoch": per_epoch, "steps_per_epoch": steps_per_epoch,
             "flops_per_network_step": per_epoch / steps_per_epoch, "matmul_gflops": rate / 1e9,

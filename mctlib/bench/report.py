@@ -149,7 +149,7 @@ def format_table(result: dict, markdown: bool = False) -> str:
               [[f"{r['precision']}{' channels_last' if r['channels_last'] else ''}", f"{r['loss_rel_diff']:.1e}",
                 f"{r['image_grad_cosine']:.5f}", str(r["within_tolerance"])] for r in p["rows"]])
     if result.get("distributed"):
-        from ..bench_distributed import format_rows
+        from .distributed import format_rows
 
         lines.append(format_rows(result["distributed"]))
     c = result.get("changes")

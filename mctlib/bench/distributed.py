@@ -1,15 +1,16 @@
 """The `distributed` bench section: one process against two ranks on the same cores, in one run.
 
-- experts per minute: `mctlib experts` (the digits IPC 10 preset's network, 4 experts) as one process
+- experts per minute: `mctlib experts` (the digits IPC 10 preset's network, 8 experts × 3 epochs) as one process
   with one thread, and as 2 gloo ranks with one thread each (the manifest's own timing: training
   and writing, not the start-up of Python);
 - distillation seconds per iteration at the digits IPC 10 config (mtt, unrolled, syn_steps 20), as
   1 process x 1 thread, 1 process x 2 threads (the single-process default on 2 cores: OpenMP
   threads passive) and 2 ranks x 1 thread;
-- peak memory per rank (rise of the peak resident set over the start) at syn_steps 20 and 80.
+- peak memory per rank (rise of the peak resident set over the start) at syn_steps 20 and 80 (lr_lr
+  LONG_UNROLL_LR_LR at 80).
 
 Each configuration runs in fresh processes; the ranks are started with the environment torchrun
-gives its workers. Self-contained (`section_distributed(log, quick)`), so it can move with bench.py.
+gives its workers. `mctlib bench --sections distributed` runs it; `section_distributed(log, quick)` is its entry.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ import torch
 
 TAG = "MCTLIB-BENCH-DISTRIBUTED "
 PRESET = "mtt-digits-ipc10"
+# The preset's lr_lr (1e-5) belongs to syn_steps 20: at syn_steps 80 on the bench's short experts alpha leaves
+# its range within two iterations and the images run away (measured). The long-unroll rows measure memory and
+# time, which do not depend on lr_lr, so they run with a step under which those iterations stay finite.
+LONG_UNROLL_LR_LR = 1e-7
 
 
 def _env(threads: int, extra: dict | None = None) -> dict:
@@ -80,9 +85,12 @@ def _experts(work: Path, name: str, ranks: int, num_experts: int, epochs: int) -
             "experts_per_minute": stats["experts_per_minute"], "store": str(out)}
 
 
-def _distill(store: str, ranks: int, threads: int, syn_steps: int, iterations: int, warmup: int) -> dict:
+def _distill(store: str, ranks: int, threads: int, syn_steps: int, iterations: int, warmup: int,
+             lr_lr: float | None = None) -> dict:
     spec = {"store": store, "syn_steps": syn_steps, "iterations": iterations + warmup, "warmup": warmup}
-    cmd = [sys.executable, "-m", "mctlib.bench_distributed", "--child", json.dumps(spec)]
+    if lr_lr is not None:
+        spec["lr_lr"] = lr_lr
+    cmd = [sys.executable, "-m", "mctlib.bench.distributed", "--child", json.dumps(spec)]
     rows = _results(_launch(cmd, ranks, threads))
     errors = [r["error"] for r in rows if "error" in r]
     if errors:
@@ -96,12 +104,13 @@ def _distill(store: str, ranks: int, threads: int, syn_steps: int, iterations: i
 
 def section_distributed(log, quick: bool = False) -> dict:
     """1 process x 1 thread against 2 ranks x 1 thread (and 1 x 2 threads) on this machine's cores."""
-    experts, epochs = (2, 3) if quick else (4, 3)
+    experts, epochs = (2, 3) if quick else (8, 3)
     iterations, warmup = (1, 1) if quick else (4, 1)
     steps = (2, 4) if quick else (20, 80)
     out: dict = {"config": {"preset": PRESET, "num_experts": experts, "expert_epochs_trained": epochs,
                             "gradient_mode": "unrolled", "iterations": iterations, "warmup": warmup,
-                            "syn_steps": list(steps)}, "experts": [], "distill": []}
+                            "syn_steps": list(steps), "lr_lr_long_unroll": LONG_UNROLL_LR_LR},
+                          "experts": [], "distill": []}
     with tempfile.TemporaryDirectory(prefix="mctlib-bench-dist-") as tmp:
         work = Path(tmp)
         for name, ranks in (("one", 0), ("two", 2)):
@@ -115,7 +124,8 @@ def section_distributed(log, quick: bool = False) -> dict:
         configs = [(steps[0], 0, 1), (steps[0], 0, 2), (steps[0], 2, 1), (steps[1], 0, 1), (steps[1], 2, 1)]
         for syn_steps, ranks, threads in configs:
             n = iterations if syn_steps == steps[0] else max(1, iterations // 2)
-            row = _distill(store, ranks, threads, syn_steps, n, warmup)
+            row = _distill(store, ranks, threads, syn_steps, n, warmup,
+                           lr_lr=None if syn_steps == steps[0] else LONG_UNROLL_LR_LR)
             out["distill"].append(row)
             log(f"distill syn_steps {syn_steps}, {max(ranks, 1)} process(es) x {threads} thread(s): "
                 + (f"{row['seconds_per_iteration_median']:.2f} s/it, peak "
@@ -177,12 +187,12 @@ def _peak_probe():
 
 
 def _child(spec: dict) -> dict:
-    from .config import get_preset
-    from .data import load_dataset
-    from .device import configure_threads
-    from .distill import distill
-    from .distributed import launched, setup, teardown
-    from .storage import load_store
+    from ..config import get_preset
+    from ..data import load_dataset
+    from ..device import configure_threads
+    from ..distill import distill
+    from ..distributed import launched, setup, teardown
+    from ..storage import load_store
 
     configure_threads()
     group = setup("cpu", "gloo", 600) if launched() else None
@@ -192,7 +202,7 @@ def _child(spec: dict) -> dict:
     cfg = get_preset(PRESET).distill
     max_start = float(min(cfg.max_start_epoch, epochs - cfg.expert_epochs))  # the bench's short experts
     cfg = cfg.replace(syn_steps=spec["syn_steps"], iterations=spec["iterations"], eval_every=0,
-                      checkpoint_every=10**6, max_start_epoch=max_start)
+                      checkpoint_every=10**6, max_start_epoch=max_start, lr_lr=spec.get("lr_lr", cfg.lr_lr))
     probe = _peak_probe()
     result = distill(cfg, store, dataset, progress=False, group=group, device="cpu")
     peak = probe()
@@ -207,7 +217,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         print(TAG + json.dumps(_child(json.loads(sys.argv[2]))), flush=True)
     else:
-        # `python -m mctlib.bench_distributed [--quick]`: the section alone.
+        # `python -m mctlib.bench.distributed [--quick]`: the section alone.
         started = time.perf_counter()
         res = section_distributed(lambda m: print(f"[{time.perf_counter() - started:6.1f} s] {m}", flush=True),
                                   quick="--quick" in sys.argv)
