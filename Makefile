@@ -36,7 +36,7 @@ test: strict-book notebooks unit
 bench: $(STAMP)
 	$(PY) -m mctlib bench
 
-# The acceptance check on a GPU (issue 12): every gradient mode against CPU float64, determinism,
+# The acceptance check on a GPU: every gradient mode against CPU float64, determinism,
 # resume, no host sync, then the CIFAR-10-shape timings; prints a table, writes JSON, fails on a failed
 # check. `make test` runs its CPU form (tests/test_check.py). CHECK_PRECISION=tf32|bf16 to check those.
 CHECK_PRECISION ?= fp32

@@ -124,7 +124,7 @@ def _resample_separable(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor)
     """out[n, c] = rows[n] @ x[n, c] @ cols[n]^T for rows (n, H, H), cols (n, W, W).
 
     Written as matmuls so that the backward is matmuls too: deterministic on every device, where
-    grid_sample's and gather's backwards accumulate with atomics on CUDA (issue 12)."""
+    grid_sample's and gather's backwards accumulate with atomics on CUDA."""
     return rows.unsqueeze(1) @ x @ cols.transpose(1, 2).unsqueeze(1)
 
 
@@ -135,7 +135,7 @@ def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     Each output pixel is the weighted sum of its four neighbours around grid_sample's source point,
     read from x padded by one zero pixel by advanced indexing. Its backward is index_put with
     accumulation, which CUDA computes deterministically (sorted indices, as for the student's
-    `images[batch]`), where grid_sample's backward accumulates with atomics (issue 12)."""
+    `images[batch]`), where grid_sample's backward accumulates with atomics."""
     if _native(x):
         return _grid_sample(x, theta)
     n, c, h, w = x.shape

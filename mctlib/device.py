@@ -28,7 +28,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def configure_determinism() -> dict:
-    """Deterministic kernels and no TF32, the defaults of every CUDA run (issue 12).
+    """Deterministic kernels and no TF32, the defaults of every CUDA run.
 
     - torch.use_deterministic_algorithms(True, warn_only=True): deterministic kernels wherever torch
       has them; a kernel without one warns (and `mctlib check` fails on such a warning) rather than

@@ -1,4 +1,4 @@
-"""`python -m mctlib check --device DEVICE`: the engine verified on a device, then timed (issue 12).
+"""`python -m mctlib check --device DEVICE`: the engine verified on a device, then timed.
 
 Checks, each passed or failed against a stated tolerance:
 

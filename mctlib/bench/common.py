@@ -29,7 +29,7 @@ FORMAT = "mctlib-bench-v1"
 DEFAULT_OUT = "runs/bench/bench.json"
 
 
-# The figure the issue gives for the original MTT code, digits bench config, this machine kind
+# The reported figure for the original MTT code, digits bench config, this machine kind
 # (median of 200 iterations, 2 cores); not measured here (no network access to fetch that code).
 ORIGINAL_MTT_SECONDS = 2.5
 

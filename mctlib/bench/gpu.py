@@ -1,4 +1,4 @@
-"""Section gpu: the CIFAR-10 preset shapes on CUDA, with the ratios the issue asks of them in one run:
+"""Section gpu: the CIFAR-10 preset shapes on CUDA, with their ratios in one run:
 the engine against the original loop (IPC 1 and 50), the achieved fraction of the measured matmul
 rate, and peak memory against the engine's own estimate (`experiments.estimate_cost`)."""
 

@@ -1,6 +1,6 @@
 """The original MTT distillation iteration, reimplemented faithfully, as the bench's baseline.
 
-The issue's speed targets are relative to the original code (Cazenavette et al., 2022:
+The engine's speed targets are relative to the original code (Cazenavette et al., 2022:
 `distill.py`, and DSA's `DiffAugment` in `utils.py`). That code cannot be fetched here, so this
 module re-creates its inner loop, structure for structure, to be timed beside the engine in the
 same run on the same machine (`python -m mctlib bench --sections reference`):
