@@ -195,7 +195,7 @@ def test_method_and_record_kind_must_agree(data, stores):
 
 def test_device_and_precision_are_recorded_and_a_mismatch_is_refused_naming_both(data, stores, tmp_path, monkeypatch):
     from mctlib import device as device_module
-    from mctlib.experiments import RunMismatchError, run_or_load
+    from mctlib.runs import RunMismatchError, run_or_load
 
     cfg = DistillConfig(method="mct", **{**SMALL, "iterations": 4})
     run = tmp_path / "run"

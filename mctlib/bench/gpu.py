@@ -1,6 +1,6 @@
 """Section gpu: the CIFAR-10 preset shapes on CUDA, with their ratios in one run:
 the engine against the original loop (IPC 1 and 50), the achieved fraction of the measured matmul
-rate, and peak memory against the engine's own estimate (`experiments.estimate_cost`)."""
+rate, and peak memory against the engine's own estimate (`cost.estimate_cost`)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _activation_estimate_mb(method: str, ipc: int) -> dict:
     """The engine's own estimate of a match's memory per gradient mode (without the expert records,
     which a match on random inputs does not hold), MB."""
     from ..config import get_preset
-    from ..experiments import estimate_cost
+    from ..cost import estimate_cost
 
     cost = estimate_cost(get_preset(f"{method}-cifar10-ipc{ipc}"))
     return {m: (b - cost["records_bytes"]) / 2**20 for m, b in cost["gpu_bytes_by_mode"].items()}

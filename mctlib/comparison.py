@@ -1,0 +1,278 @@
+"""MTT against MCT from the same experts (chapter 4): variants x seeds, the tidy table they make,
+the paired statistics read from it, and one-at-a-time ablations of MCT's choices."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+from .config import DistillConfig, EvalConfig, Preset, get_preset
+from .data import Dataset, load_dataset
+from .distill import DivergenceError, evaluated
+from .notebook import cached_experts, config_key
+from .published import experiment_preset
+from .records import FULL, RecordSpec, convexified_store, record_spec, store_for
+from .runs import RunResult, _compute_run, _finished, _quiet_run_or_load, parallel_jobs
+from .stats import summary_stats
+from .storage import TrajectoryStore
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One setting of a comparison: a label, the distillation config, and the record it matches."""
+
+    label: str
+    distill: DistillConfig
+    record: RecordSpec
+
+
+def run_name(cfg: DistillConfig, spec: RecordSpec, store_full: TrajectoryStore, eval_cfg: EvalConfig | None,
+             prefix: str = "") -> str:
+    """A readable, collision-free run name: method, IPC, seed and a hash of everything that is computed."""
+    key = config_key(cfg.to_dict(), spec, store_full.path.name, eval_cfg.to_dict() if eval_cfg else None)
+    return f"{prefix}{cfg.method}-ipc{cfg.ipc}-seed{cfg.seed}-{key}"
+
+
+@dataclass
+class Comparison:
+    """Tidy rows (one per run) and the runs themselves, keyed by (label, seed)."""
+
+    rows: list[dict]
+    runs: dict = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(dict.fromkeys(r["label"] for r in self.rows))
+
+    def select(self, label: str) -> list[dict]:
+        return [r for r in self.rows if r["label"] == label]
+
+    def summary(self) -> list[dict]:
+        """Per label: mean and std across seeds of the best and final accuracies, seconds per iteration."""
+        out = []
+        for label in self.labels:
+            rows = [r for r in self.select(label) if r["status"] != "diverged"]
+            first = self.select(label)[0]
+            entry = {k: first[k] for k in ("label", "method", "ipc", "sampling", "gradient_mode", "record")}
+            entry["seeds"] = len(rows)
+            entry["diverged"] = len(self.select(label)) - len(rows)
+            for key in ("best_acc", "final_acc", "seconds_per_iteration", "final_loss", "loss_fluctuation", "alpha"):
+                values = [r[key] for r in rows if r[key] is not None and not math.isnan(r[key])]
+                entry[f"{key}_mean"] = statistics.fmean(values) if values else math.nan
+                entry[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0 if values else math.nan
+            out.append(entry)
+        return out
+
+    def curves(self, label: str) -> dict:
+        """Accuracy vs iteration (mean and std across seeds) and each seed's matching-loss curve. An
+        evaluation skipped in some run (alpha <= 0 at that iteration) leaves that seed out of that point."""
+        rows = [r for r in self.select(label) if r["status"] != "diverged"]
+        iterations = sorted({it for r in rows for it, _ in r["eval_curve"]})
+        columns = [[dict(r["eval_curve"])[it] for r in rows if it in dict(r["eval_curve"])] for it in iterations]
+        mean = [statistics.fmean(col) for col in columns]
+        std = [statistics.pstdev(col) if len(col) > 1 else 0.0 for col in columns]
+        return {"iterations": iterations, "acc_mean": mean, "acc_std": std, "counts": [len(c) for c in columns],
+                "losses": [r.get("loss_curve", []) for r in rows], "seeds": [r["seed"] for r in rows]}
+
+    def per_seed(self, label: str, key: str = "final_acc", iteration: int | None = None) -> dict[int, float]:
+        """{seed: value} of the runs of `label` that finished: `key` of the row, or with `iteration` the
+        accuracy evaluated at that iteration (seeds whose evaluation there was skipped are left out)."""
+        rows = [r for r in self.select(label) if r["status"] != "diverged"]
+        if iteration is None:
+            return {r["seed"]: r[key] for r in rows}
+        return {r["seed"]: dict(r["eval_curve"])[iteration] for r in rows if iteration in dict(r["eval_curve"])}
+
+    def paired(self, label_a: str, label_b: str, key: str = "final_acc", iteration: int | None = None) -> dict:
+        """label_b minus label_a, seed by seed (`per_seed`; only seeds where both have a value): the
+        per-seed differences, their mean, sample standard deviation and standard error of the mean
+        (std / sqrt(n)). Pairing by seed removes what the two runs of a seed share: the initial
+        images and the evaluation networks' seeds."""
+        a, b = self.per_seed(label_a, key, iteration), self.per_seed(label_b, key, iteration)
+        seeds = sorted(set(a) & set(b))
+        diffs = [b[s] - a[s] for s in seeds]
+        return summary_stats(diffs) | {"seeds": seeds, "differences": diffs}
+
+    def format(self) -> str:
+        """The summary as a fixed-width text table (accuracies in %)."""
+        lines = [f"{'setting':28s} {'ipc':>3s} {'seeds':>5s} {'best acc (%)':>14s} {'final acc (%)':>14s} {'s/it':>6s}"]
+        for s in self.summary():
+            lines.append(f"{s['label']:28s} {s['ipc']:3d} {s['seeds']:5d} "
+                         f"{100 * s['best_acc_mean']:7.2f} ± {100 * s['best_acc_std']:4.2f} "
+                         f"{100 * s['final_acc_mean']:7.2f} ± {100 * s['final_acc_std']:4.2f} "
+                         f"{s['seconds_per_iteration_mean']:6.3f}")
+        return "\n".join(lines)
+
+
+def _row(variant: Variant, seed: int, result: RunResult | None, error: str | None) -> dict:
+    cfg = variant.distill
+    row = {"label": variant.label, "method": cfg.method, "ipc": cfg.ipc, "seed": seed,
+           "sampling": cfg.resolved_sampling, "gradient_mode": cfg.gradient_mode, "record": variant.record.label,
+           "status": "diverged" if error else result.status, "error": error}
+    if result is None:
+        return {**row, "best_acc": math.nan, "best_std": math.nan, "best_iteration": None, "final_acc": math.nan,
+                "final_std": math.nan, "seconds_per_iteration": math.nan, "iterations": 0, "alpha": math.nan,
+                "final_loss": math.nan, "loss_fluctuation": math.nan, "loss_curve": [], "eval_curve": [],
+                "alpha_nonpositive_iterations": [], "skipped_evals": [],
+                "run_dir": None}
+    best, final = result.best, result.final
+    tail = result.losses[-10:]
+    late = result.losses[len(result.losses) // 2:]
+    fluctuation = statistics.pstdev(late) / statistics.fmean(late) if len(late) > 1 else math.nan
+    return {**row, "best_acc": best["mean"] if best else math.nan, "best_std": best["std"] if best else math.nan,
+            "best_iteration": best["iteration"] if best else None,
+            "final_acc": final["mean"] if final else math.nan, "final_std": final["std"] if final else math.nan,
+            "seconds_per_iteration": result.seconds_per_iteration, "iterations": len(result.log),
+            "alpha": result.alpha, "final_loss": statistics.fmean(tail) if tail else math.nan,
+            "loss_fluctuation": fluctuation,
+            "loss_curve": result.losses, "eval_curve": [(e["iteration"], e["mean"]) for e in evaluated(result.evals)],
+            "alpha_nonpositive_iterations": result.alpha_nonpositive_iterations,
+            "skipped_evals": [e for e in result.evals if "skipped" in e],
+            "run_dir": str(result.run_dir)}
+
+
+def run_variants(variants: Iterable[Variant], seeds: Iterable[int], dataset: Dataset, store_full: TrajectoryStore,
+                 eval_cfg: EvalConfig | None, runs_dir: str | Path = "runs", stores: dict | None = None,
+                 prefix: str = "", device=None, progress: bool = False, workers: int = 1) -> Comparison:
+    """Every variant at every seed through `run_or_load`. The seed sets the initial subset, the window
+    sampling and the evaluation networks; a run that diverges becomes a row with status 'diverged'.
+    With workers > 1 the runs not yet on disk are computed in parallel processes (`parallel_jobs`)
+    first, then every run is loaded."""
+    stores = dict(stores or {})
+    stores.setdefault(FULL, store_full)
+    seeds = [int(s) for s in seeds]
+    plan = []
+    for variant in variants:
+        if variant.record not in stores:
+            stores[variant.record] = store_for(variant.record, store_full)
+        store = stores[variant.record]
+        for seed in seeds:
+            cfg = variant.distill.replace(seed=int(seed))
+            ev = eval_cfg.replace(seed=int(seed)) if eval_cfg is not None else None
+            plan.append((variant, seed, run_name(cfg, variant.record, store_full, ev, prefix), cfg, store, ev))
+    pending = [(name, cfg, str(store.path), dataset, ev, str(runs_dir), device)
+               for _, _, name, cfg, store, ev in plan if not _finished(Path(runs_dir) / name, cfg)]
+    if workers > 1 and len(pending) > 1:
+        parallel_jobs(_compute_run, pending, workers, progress, desc="distillation runs")
+    rows, runs = [], {}
+    for variant, seed, name, cfg, store, ev in plan:
+        try:
+            result, error = _quiet_run_or_load(name, cfg, store, dataset, ev, runs_dir, device, progress), None
+        except DivergenceError as err:
+            result, error = None, str(err)
+        rows.append(_row(variant, int(seed), result, error))
+        runs[(variant.label, int(seed))] = result
+    return Comparison(rows, runs)
+
+
+def method_variants(configs: Iterable[str | DistillConfig | Variant]) -> list[Variant]:
+    """Preset names or configs as variants: MTT on the full buffer, MCT on the convexified record
+    (K, beta schedule and smoothing from the preset's expert recipe, else the defaults)."""
+    out = []
+    for c in configs:
+        if isinstance(c, Variant):
+            out.append(c)
+            continue
+        if isinstance(c, str):
+            preset = get_preset(c)
+            cfg, e = preset.distill, preset.expert
+            spec = FULL if cfg.method == "mtt" else RecordSpec("convex", e.num_waypoints, e.beta_schedule, e.smooth)
+        else:
+            cfg = c
+            spec = FULL if cfg.method == "mtt" else RecordSpec()
+        out.append(Variant(cfg.method.upper(), cfg, spec))
+    return out
+
+
+def compare_methods(dataset: Dataset, configs: Iterable[str | DistillConfig | Variant], seeds: Iterable[int],
+                    store_full: TrajectoryStore, store_convex: TrajectoryStore | None = None,
+                    eval_cfg: EvalConfig | None = None, runs_dir: str | Path = "runs", prefix: str = "",
+                    device=None, progress: bool = False, workers: int = 1) -> Comparison:
+    """MTT (full buffer, integer starts) against MCT (convexified record, continuous tau), from the same
+    experts: `store_convex` must be a convexification of `store_full` (made next to it when None)."""
+    configs = list(configs)
+    stores = {FULL: store_full}
+    if store_convex is not None:
+        if store_convex.manifest.get("converted_from") and \
+                Path(store_convex.manifest["converted_from"]).name != store_full.path.name:
+            raise ValueError(f"{store_convex.path} was convexified from {store_convex.manifest['converted_from']}, "
+                             f"not from {store_full.path}: the methods would not share their experts")
+        stores[record_spec(store_convex)] = store_convex
+    convex = record_spec(store_convex) if store_convex is not None else None
+    variants = [Variant(v.label, v.distill, convex) if convex and v.distill.method == "mct" else v
+                for v in method_variants(configs)]
+    if eval_cfg is None:
+        names = [c for c in configs if isinstance(c, str)]
+        eval_cfg = get_preset(names[0]).eval if names else None
+    return run_variants(variants, seeds, dataset, store_full, eval_cfg, runs_dir, stores, prefix, device, progress,
+                        workers)
+
+
+ABLATIONS = ("sampling", "beta_schedule", "num_waypoints", "gradient_mode")
+
+
+def ablation_variants(kind: str, base: DistillConfig, record: RecordSpec = RecordSpec()) -> list[Variant]:
+    """The base MCT setting first, then each alternative of one choice (the labels):
+    sampling (continuous / integer tau on the same convexified record), beta_schedule (arc_length /
+    uniform / projected), num_waypoints (K4 / K2), gradient_mode (unrolled / constant_memory / checkpointed)."""
+    if base.method != "mct":
+        raise ValueError(f"ablations vary MCT's choices; the base config has method {base.method!r}")
+    base = base.replace(sampling=None)
+    if kind == "sampling":
+        return [Variant("continuous", base, record), Variant("integer", base.replace(sampling="integer"), record)]
+    if kind == "beta_schedule":
+        return [Variant(s, base, RecordSpec("convex", record.num_waypoints, s, record.smooth))
+                for s in ("arc_length", "uniform", "projected")]
+    if kind == "num_waypoints":
+        return [Variant(f"K{k}", base, RecordSpec("convex", k, record.beta_schedule, record.smooth)) for k in (4, 2)]
+    if kind == "gradient_mode":
+        return [Variant(m, base.replace(gradient_mode=m), record)
+                for m in ("unrolled", "constant_memory", "checkpointed")]
+    raise ValueError(f"unknown ablation {kind!r}; choose one of {list(ABLATIONS)}")
+
+
+def run_ablation(kind: str, base: DistillConfig, seeds: Iterable[int], dataset: Dataset, store_full: TrajectoryStore,
+                 eval_cfg: EvalConfig | None, runs_dir: str | Path = "runs", prefix: str = "", device=None,
+                 progress: bool = False, workers: int = 1) -> Comparison:
+    """One ablation; runs shared between ablations (the base setting) are computed once and loaded after."""
+    return run_variants(ablation_variants(kind, base), seeds, dataset, store_full, eval_cfg, runs_dir,
+                        prefix=prefix, device=device, progress=progress, workers=workers)
+
+
+@dataclass
+class Setting:
+    """Everything one IPC of the comparison needs: the data as the experts saw it, both presets, and
+    the experts in both records (the convexified one made from the full one)."""
+
+    ipc: int
+    data: Dataset
+    mtt: Preset
+    mct: Preset
+    approximate: bool
+    store_full: TrajectoryStore
+    store_convex: TrajectoryStore
+
+
+@lru_cache(maxsize=4)
+def _load_data(name: str, zca: bool) -> Dataset:
+    return load_dataset(name, zca=zca, download=name not in ("digits", "tiny_imagenet"))
+
+
+def prepare_setting(dataset: str, ipc: int, num_experts: int, expert_epochs: int, seed: int,
+                    runs_dir: str | Path, device=None, progress: bool = False) -> Setting:
+    """The presets of both methods at (dataset, ipc), the data with their preprocessing, MTT's expert
+    recipe (record 'full', `num_experts` x `expert_epochs`) through the chapters' shared expert cache,
+    and the convexified record of those same experts (K, beta and smoothing of the MCT preset)."""
+    mtt, _ = experiment_preset("mtt", dataset, ipc)
+    mct, approximate = experiment_preset("mct", dataset, ipc)
+    if (mtt.data.name, mtt.data.zca) != (mct.data.name, mct.data.zca) or mtt.net != mct.net:
+        raise ValueError(f"{mtt.name} and {mct.name} see different data or networks: they cannot share experts")
+    data = _load_data(mtt.data.name, mtt.data.zca)
+    expert_cfg = mtt.expert.replace(record="full", num_experts=num_experts, epochs=expert_epochs, seed=seed)
+    store_full = cached_experts(data, mtt.net, expert_cfg, root=runs_dir, device=device, progress=progress)
+    e = mct.expert
+    store_convex = convexified_store(store_full, e.num_waypoints, e.beta_schedule, e.smooth)
+    return Setting(ipc, data, mtt, mct, approximate, store_full, store_convex)
