@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .config import DistillConfig, EvalConfig, Preset, get_preset
 from .data import Dataset, load_dataset
@@ -16,8 +16,8 @@ from .distill import DivergenceError, evaluated
 from .notebook import cached_experts, config_key
 from .published import experiment_preset
 from .records import FULL, RecordSpec, convexified_store, record_spec, store_for
-from .runs import RunResult, _compute_run, _finished, _quiet_run_or_load, parallel_jobs
-from .stats import summary_stats
+from .runs import RunResult, _compute_run, _finished, _quiet_run_or_load, baselines_or_load, parallel_jobs
+from .stats import area_under_curve, paired, successive_noise
 from .storage import TrajectoryStore
 
 
@@ -87,14 +87,15 @@ class Comparison:
         return {r["seed"]: dict(r["eval_curve"])[iteration] for r in rows if iteration in dict(r["eval_curve"])}
 
     def paired(self, label_a: str, label_b: str, key: str = "final_acc", iteration: int | None = None) -> dict:
-        """label_b minus label_a, seed by seed (`per_seed`; only seeds where both have a value): the
-        per-seed differences, their mean, sample standard deviation and standard error of the mean
-        (std / sqrt(n)). Pairing by seed removes what the two runs of a seed share: the initial
-        images and the evaluation networks' seeds."""
-        a, b = self.per_seed(label_a, key, iteration), self.per_seed(label_b, key, iteration)
-        seeds = sorted(set(a) & set(b))
-        diffs = [b[s] - a[s] for s in seeds]
-        return summary_stats(diffs) | {"seeds": seeds, "differences": diffs}
+        """label_b minus label_a, seed by seed (`per_seed`; seeds where both have a finite value), with its
+        95 % t-interval (`stats.paired`). Pairing by seed removes what the two runs of a seed share: the
+        initial images and the evaluation networks' seeds."""
+        return paired(self.per_seed(label_a, key, iteration), self.per_seed(label_b, key, iteration))
+
+    def gain(self, label: str, key: str = "final_acc", over: str = "initial_acc") -> dict:
+        """Each run's `key` minus its own `over` (by default its final accuracy over its iteration-0
+        evaluation: the set it started from, with the same networks), with its t-interval over seeds."""
+        return paired(self.per_seed(label, over), self.per_seed(label, key))
 
     def format(self) -> str:
         """The summary as a fixed-width text table (accuracies in %)."""
@@ -107,31 +108,46 @@ class Comparison:
         return "\n".join(lines)
 
 
+def _final_eval(result: RunResult) -> dict | None:
+    """The evaluation of the run's last iteration, or None when it did not run (skipped because alpha <= 0
+    there, or never scheduled). Never an earlier evaluation in its place."""
+    last = len(result.log)
+    return next((e for e in result.evals if e["iteration"] == last and "skipped" not in e), None)
+
+
 def _row(variant: Variant, seed: int, result: RunResult | None, error: str | None) -> dict:
     cfg = variant.distill
     row = {"label": variant.label, "method": cfg.method, "ipc": cfg.ipc, "seed": seed,
            "sampling": cfg.resolved_sampling, "gradient_mode": cfg.gradient_mode, "record": variant.record.label,
-           "status": "diverged" if error else result.status, "error": error}
+           "lr_lr": cfg.lr_lr, "status": "diverged" if error else result.status, "error": error}
     if result is None:
         return {**row, "best_acc": math.nan, "best_std": math.nan, "best_iteration": None, "final_acc": math.nan,
-                "final_std": math.nan, "seconds_per_iteration": math.nan, "iterations": 0, "alpha": math.nan,
-                "final_loss": math.nan, "loss_fluctuation": math.nan, "loss_curve": [], "eval_curve": [],
-                "alpha_nonpositive_iterations": [], "skipped_evals": [],
-                "run_dir": None}
-    best, final = result.best, result.final
-    tail = result.losses[-10:]
-    late = result.losses[len(result.losses) // 2:]
+                "final_std": math.nan, "final_skipped": False, "initial_acc": math.nan, "auc": math.nan,
+                "seconds_per_iteration": math.nan, "iterations": 0, "alpha": math.nan, "first_loss": math.nan,
+                "final_loss": math.nan, "loss_fluctuation": math.nan, "loss_noise": math.nan, "loss_curve": [],
+                "eval_curve": [], "alpha_nonpositive_iterations": [], "skipped_evals": [], "run_dir": None}
+    best, final = result.best, _final_eval(result)
+    losses = result.losses
+    tail = losses[-10:]
+    late = losses[len(losses) // 2:]
     fluctuation = statistics.pstdev(late) / statistics.fmean(late) if len(late) > 1 else math.nan
+    curve = [(e["iteration"], e["mean"]) for e in evaluated(result.evals)]
+    skipped = [e for e in result.evals if "skipped" in e]
+    initial = dict(curve).get(0, math.nan)
+    # The area under the accuracy curve, only where every scheduled evaluation ran (a skipped point would
+    # make the area of one seed cover other iterations than another's).
+    auc = area_under_curve(*zip(*curve)) if len(curve) > 1 and not skipped and final else math.nan
     return {**row, "best_acc": best["mean"] if best else math.nan, "best_std": best["std"] if best else math.nan,
             "best_iteration": best["iteration"] if best else None,
             "final_acc": final["mean"] if final else math.nan, "final_std": final["std"] if final else math.nan,
+            "final_skipped": final is None, "initial_acc": initial, "auc": auc,
             "seconds_per_iteration": result.seconds_per_iteration, "iterations": len(result.log),
-            "alpha": result.alpha, "final_loss": statistics.fmean(tail) if tail else math.nan,
-            "loss_fluctuation": fluctuation,
-            "loss_curve": result.losses, "eval_curve": [(e["iteration"], e["mean"]) for e in evaluated(result.evals)],
+            "alpha": result.alpha, "first_loss": losses[0] if losses else math.nan,
+            "final_loss": statistics.fmean(tail) if tail else math.nan,
+            "loss_fluctuation": fluctuation, "loss_noise": successive_noise(losses),
+            "loss_curve": losses, "eval_curve": curve,
             "alpha_nonpositive_iterations": result.alpha_nonpositive_iterations,
-            "skipped_evals": [e for e in result.evals if "skipped" in e],
-            "run_dir": str(result.run_dir)}
+            "skipped_evals": skipped, "run_dir": str(result.run_dir)}
 
 
 def run_variants(variants: Iterable[Variant], seeds: Iterable[int], dataset: Dataset, store_full: TrajectoryStore,
@@ -276,3 +292,43 @@ def prepare_setting(dataset: str, ipc: int, num_experts: int, expert_epochs: int
     e = mct.expert
     store_convex = convexified_store(store_full, e.num_waypoints, e.beta_schedule, e.smooth)
     return Setting(ipc, data, mtt, mct, approximate, store_full, store_convex)
+
+
+def diverged(row: dict) -> bool:
+    """The lr_lr rule's test of one run, fixed before the runs: the engine stopped it (non-finite values,
+    or the images or the loss running away), or its matching loss ended above where it began (the mean
+    of its last ten iterations above its first iteration's loss: it moved away from the experts)."""
+    return row["status"] == "diverged" or row["final_loss"] > row["first_loss"]
+
+
+def lr_lr_rule(candidates: Iterable[float], compare: Callable[[float], Comparison]) -> tuple[float | None, dict]:
+    """The largest lr_lr among `candidates` at which no run of either method diverges (`diverged`), over
+    every seed: `compare(lr_lr)` runs the whole comparison at one value. Candidates are tried from the
+    largest down and the first that passes is chosen; every comparison tried is returned, so the runs
+    that ran away stay visible. Returns (chosen lr_lr or None if every candidate failed, {lr_lr: Comparison})."""
+    tried = {}
+    for lr_lr in sorted(candidates, reverse=True):
+        tried[lr_lr] = compare(lr_lr)
+        if not any(diverged(r) for r in tried[lr_lr].rows):
+            return lr_lr, tried
+    return None, tried
+
+
+def learned_alpha_controls(comparison: Comparison, dataset: Dataset, net, eval_cfg: EvalConfig,
+                           runs_dir: str | Path = "runs", device=None, workers: int = 1,
+                           progress: bool = False) -> dict[tuple[str, int], float]:
+    """{(label, seed): accuracy} of each run's initial images S_0 trained with the run's final alpha, by the
+    same networks as the run's evaluations (METHOD.md: the evaluation trains with the learned alpha, so a
+    gain mixes image learning and lr learning; this control separates the two). NaN where the run
+    diverged or ended with alpha <= 0."""
+    keys, jobs = [], []
+    for (label, seed), run in comparison.runs.items():
+        if run is None or not run.alpha > 0:
+            continue
+        cfg = DistillConfig.from_dict(run.config["distill"])
+        keys.append((label, seed))
+        jobs.append({"kind": "initial_images", "eval_cfg": eval_cfg.replace(seed=seed), "lr": run.alpha, "init": cfg})
+    results = baselines_or_load(jobs, dataset, net, runs_dir, device, workers, progress, desc="learned-alpha controls")
+    out = {key: math.nan for key in comparison.runs}
+    out.update({key: r.mean for key, r in zip(keys, results)})
+    return out

@@ -121,7 +121,7 @@ class _State:
 
 def initial_synthetic(dataset: Dataset, cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """S_0: `ipc` real images per class (default) or Gaussian noise, with class-sorted labels."""
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 1))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed, 1))
     images, labels = real_images_per_class(dataset.train_images, dataset.train_labels, dataset.num_classes,
                                            cfg.ipc, gen)
     if cfg.init == "noise":

@@ -22,8 +22,8 @@ from .config import DistillConfig, EvalConfig
 from .data import Dataset
 from .device import configure_threads, resolve_device
 from .distill import (CHECKPOINT, LEGACY_COMPUTE, AlphaNonPositiveWarning, DistillResult, DivergenceError, distill,
-                      load_synthetic, run_config)
-from .evaluate import EvalResult, full_data_baseline, random_real_baseline
+                      initial_synthetic, load_synthetic, run_config)
+from .evaluate import EvalResult, evaluate_synthetic, full_data_baseline, random_real_baseline
 from .networks import NetConfig
 from .notebook import config_key
 from .storage import TrajectoryStore, atomic_write_json, load_store
@@ -151,8 +151,8 @@ def _compute_run(name: str, cfg: DistillConfig, store_path: str, dataset: Datase
 
 
 def _compute_baseline(kind: str, dataset: Dataset, net: NetConfig, cfg: EvalConfig, runs_dir: str, ipc, lr: float,
-                      device) -> None:
-    baseline_or_load(kind, dataset, net, cfg, runs_dir, ipc=ipc, lr=lr, device=device)
+                      device, init: DistillConfig | None = None) -> None:
+    baseline_or_load(kind, dataset, net, cfg, runs_dir, ipc=ipc, lr=lr, device=device, init=init)
 
 
 def parallel_jobs(fn, jobs: list[tuple], workers: int, progress: bool = False, desc: str = "runs") -> list:
@@ -196,30 +196,62 @@ def _finished(run_dir: Path, cfg: DistillConfig) -> bool:
         _iterations_done(run_dir) == cfg.iterations and (run_dir / "synthetic_final.safetensors").exists())
 
 
-def _baseline_path(kind: str, dataset: Dataset, net: NetConfig, eval_cfg: EvalConfig, runs_dir, ipc, lr) -> Path:
+BASELINES = ("random_real", "full", "initial_images")
+
+
+def _baseline_path(kind: str, dataset: Dataset, net: NetConfig, eval_cfg: EvalConfig, runs_dir, ipc, lr,
+                   init: DistillConfig | None = None) -> Path:
     desc = dataset.describe()
+    start = None if init is None else (init.ipc, init.seed if init.init_seed is None else init.init_seed, init.init)
     key = config_key({k: desc[k] for k in ("name", "image_size", "zca", "num_train")}, net.to_dict(),
-                     eval_cfg.to_dict(), kind, ipc, lr)
+                     eval_cfg.to_dict(), kind, ipc, lr, *(() if start is None else (start,)))
     return Path(runs_dir) / "baselines" / f"{desc['name']}-{kind}{f'-ipc{ipc}' if ipc else ''}-{key}.json"
 
 
 def baseline_or_load(kind: str, dataset: Dataset, net: NetConfig, eval_cfg: EvalConfig, runs_dir: str | Path = "runs",
-                     ipc: int | None = None, lr: float = 0.01, device=None) -> list[EvalResult]:
-    """The random-real (`ipc` images per class) or full-data baseline under `eval_cfg`, cached as JSON."""
-    if kind not in ("random_real", "full"):
-        raise ValueError(f"baseline {kind!r} unknown; choose random_real or full")
+                     ipc: int | None = None, lr: float = 0.01, device=None,
+                     init: DistillConfig | None = None) -> list[EvalResult]:
+    """A reference evaluation under `eval_cfg`, cached as JSON: 'random_real' (`ipc` random images per
+    class), 'full' (the whole training set), or 'initial_images' (the initial synthetic set S_0 of the
+    distillation config `init`, trained with lr `lr`: with a run's final alpha this is the control that
+    separates learning alpha from learning the images)."""
+    if kind not in BASELINES:
+        raise ValueError(f"baseline {kind!r} unknown; choose one of {', '.join(BASELINES)}")
     if kind == "random_real" and not ipc:
         raise ValueError("the random_real baseline needs ipc")
-    path = _baseline_path(kind, dataset, net, eval_cfg, runs_dir, ipc, lr)
+    if kind == "initial_images":
+        if init is None:
+            raise ValueError("the initial_images baseline needs the distillation config whose S_0 it evaluates")
+        ipc = init.ipc
+    path = _baseline_path(kind, dataset, net, eval_cfg, runs_dir, ipc, lr, init)
     if path.exists():
         return [EvalResult(r["arch"], r["accuracies"]) for r in json.loads(path.read_text())["results"]]
     if kind == "random_real":
         results = random_real_baseline(dataset, ipc, net, eval_cfg, lr=lr, seed=eval_cfg.seed, device=device)
-    else:
+    elif kind == "full":
         results = full_data_baseline(dataset, net, eval_cfg, lr=lr, device=device)
+    else:
+        images, labels = initial_synthetic(dataset, init)
+        results = evaluate_synthetic(images, labels, lr, dataset, net, eval_cfg, device)
     atomic_write_json(path, {"kind": kind, "ipc": ipc, "lr": lr, "eval": eval_cfg.to_dict(), "net": net.to_dict(),
+                             **({} if init is None else {"init": init.to_dict()}),
                              "results": [r.to_dict() for r in results]})
     return results
+
+
+def baselines_or_load(jobs: list[dict], dataset: Dataset, net: NetConfig, runs_dir: str | Path = "runs", device=None,
+                      workers: int = 1, progress: bool = False, desc: str = "baselines") -> list[EvalResult]:
+    """Several `baseline_or_load` calls (each a dict of its keyword arguments: kind, eval_cfg, ipc, lr,
+    init), those not yet cached computed in parallel processes; the first architecture's result of each."""
+    def path(job):
+        return _baseline_path(job["kind"], dataset, net, job["eval_cfg"], runs_dir, job.get("ipc"),
+                              job.get("lr", 0.01), job.get("init"))
+
+    pending = [(j["kind"], dataset, net, j["eval_cfg"], str(runs_dir), j.get("ipc"), j.get("lr", 0.01), device,
+                j.get("init")) for j in jobs if not path(j).exists()]
+    parallel_jobs(_compute_baseline, pending, workers, progress, desc=desc)
+    return [baseline_or_load(j["kind"], dataset, net, j["eval_cfg"], runs_dir, j.get("ipc"), j.get("lr", 0.01),
+                             device, j.get("init"))[0] for j in jobs]
 
 
 def random_real_subsets(dataset: Dataset, ipc: int, net: NetConfig, eval_cfg: EvalConfig, subsets: int,
@@ -227,8 +259,6 @@ def random_real_subsets(dataset: Dataset, ipc: int, net: NetConfig, eval_cfg: Ev
                         progress: bool = False) -> list[EvalResult]:
     """The random-real baseline on `subsets` different random subsets (subset k drawn, and its networks
     seeded, with eval_cfg.seed + k), each cached; one EvalResult (first architecture) per subset."""
-    cfgs = [eval_cfg.replace(seed=eval_cfg.seed + k) for k in range(subsets)]
-    jobs = [("random_real", dataset, net, c, str(runs_dir), ipc, lr, device) for c in cfgs
-            if not _baseline_path("random_real", dataset, net, c, runs_dir, ipc, lr).exists()]
-    parallel_jobs(_compute_baseline, jobs, workers, progress, desc=f"random real IPC {ipc}")
-    return [baseline_or_load("random_real", dataset, net, c, runs_dir, ipc=ipc, lr=lr, device=device)[0] for c in cfgs]
+    jobs = [{"kind": "random_real", "eval_cfg": eval_cfg.replace(seed=eval_cfg.seed + k), "ipc": ipc, "lr": lr}
+            for k in range(subsets)]
+    return baselines_or_load(jobs, dataset, net, runs_dir, device, workers, progress, desc=f"random real IPC {ipc}")
