@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .data import DATASET_INFO
 from .networks import NetConfig
 
 METHODS = ("mtt", "mct")
@@ -248,11 +249,8 @@ class Preset:
                 "eval": self.eval.to_dict(), "note": self.note}
 
 
-_DATA_SHAPES = {  # channels, image size, classes, arch
-    "cifar10": (3, 32, 10, "convnet"),
-    "cifar100": (3, 32, 100, "convnet"),
-    "tiny_imagenet": (3, 64, 200, "convnet_d4"),
-    "digits": (1, 16, 10, "convnet"),
+_DATA_SHAPES = {  # channels, image size, classes, arch: read from data.DATASET_INFO, the one table
+    name: (info.channels, info.image_size, info.num_classes, info.arch) for name, info in DATASET_INFO.items()
 }
 
 # MTT as published: (dataset, ipc) -> syn_steps, expert_epochs, max_start, lr_img, lr_lr, lr_teacher, zca, batch_syn
