@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 JB     := $(VENV)/bin/jupyter-book
 
-.PHONY: book test unit notebooks strict-book bench check-gpu clean
+.PHONY: book test unit notebooks strict-book data bench check-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,17 +14,31 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 
-book: $(STAMP)
+# Fashion-MNIST, which the experiments chapter reads: nothing to do where the loader finds it (the data root or
+# Debian's copy); as root with apt, Debian's package; elsewhere one line, and the chapter then stops with the
+# loader's message, which also names download=True for a machine with internet access.
+FASHION_MNIST_DEB := dataset-fashion-mnist
+data: $(STAMP)
+	@$(PY) -c "from mctlib.data import find_idx_files; raise SystemExit(find_idx_files('fashion_mnist') is None)" \
+	|| if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "Installing Fashion-MNIST: apt-get install $(FASHION_MNIST_DEB)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FASHION_MNIST_DEB) >/dev/null) \
+	  || echo "Fashion-MNIST: apt-get install $(FASHION_MNIST_DEB) failed; the experiments chapter will say how else to get it"; \
+	else \
+	  echo "Fashion-MNIST is not installed: run 'apt-get install $(FASHION_MNIST_DEB)' as root, or the experiments chapter will say how else to get it"; \
+	fi
+
+book: $(STAMP) data
 	$(JB) build . --builder html
 	@echo "Book: $(CURDIR)/_build/html/index.html"
 
 unit: $(STAMP)
 	$(PY) -m pytest tests -q --ignore=tests/browser
 
-notebooks: $(STAMP)
+notebooks: $(STAMP) data
 	$(PY) -m pytest --nbval-lax notebooks -q -p no:cacheprovider
 
-strict-book: $(STAMP)
+strict-book: $(STAMP) data
 	$(JB) build . --builder html -W -n --keep-going
 	@echo "Book: $(CURDIR)/_build/html/index.html"
 

@@ -10,8 +10,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .config import DistillConfig, EvalConfig, Preset, get_preset
-from .data import Dataset, load_dataset
+from .config import DataConfig, DistillConfig, EvalConfig, Preset, get_preset
+from .data import DATASET_INFO, Dataset, balanced_subset, load_dataset
 from .distill import DivergenceError, evaluated
 from .notebook import cached_experts, config_key
 from .published import experiment_preset
@@ -272,25 +272,34 @@ class Setting:
     store_convex: TrajectoryStore
 
 
+def load_data(data: DataConfig) -> Dataset:
+    """The dataset a preset describes: its size and preprocessing, and where `train_per_class` is set a
+    class-balanced training subset drawn with seed 0 (part of the data, the same for every method and seed)."""
+    return _load_data(data.name, data.root, data.image_size, data.zca, data.train_per_class)
+
+
 @lru_cache(maxsize=4)
-def _load_data(name: str, zca: bool) -> Dataset:
-    return load_dataset(name, zca=zca, download=name not in ("digits", "tiny_imagenet"))
+def _load_data(name: str, root: str | None, image_size: int | None, zca: bool, train_per_class: int | None) -> Dataset:
+    ds = load_dataset(name, root=root, download=DATASET_INFO[name].downloadable, image_size=image_size, zca=zca)
+    return balanced_subset(ds, train_per_class, seed=0) if train_per_class else ds
 
 
 def prepare_setting(dataset: str, ipc: int, num_experts: int, expert_epochs: int, seed: int,
-                    runs_dir: str | Path, device=None, progress: bool = False) -> Setting:
-    """The presets of both methods at (dataset, ipc), the data with their preprocessing, MTT's expert
-    recipe (record 'full', `num_experts` x `expert_epochs`) through the chapters' shared expert cache,
-    and the convexified record of those same experts (K, beta and smoothing of the MCT preset)."""
-    mtt, _ = experiment_preset("mtt", dataset, ipc)
-    mct, approximate = experiment_preset("mct", dataset, ipc)
-    if (mtt.data.name, mtt.data.zca) != (mct.data.name, mct.data.zca) or mtt.net != mct.net:
+                    runs_dir: str | Path, device=None, progress: bool = False, num_waypoints: int | None = None,
+                    cpu: bool = False) -> Setting:
+    """The presets of both methods at (dataset, ipc) (with `cpu`, the dataset's CPU setting where it has
+    one), the data with their preprocessing, MTT's expert recipe (record 'full', `num_experts` x
+    `expert_epochs`) through the chapters' shared expert cache, and the convexified record of those same
+    experts (K = `num_waypoints`, else the MCT preset's, with its beta schedule and smoothing)."""
+    mtt, _ = experiment_preset("mtt", dataset, ipc, cpu)
+    mct, approximate = experiment_preset("mct", dataset, ipc, cpu)
+    if mtt.data != mct.data or mtt.net != mct.net:
         raise ValueError(f"{mtt.name} and {mct.name} see different data or networks: they cannot share experts")
-    data = _load_data(mtt.data.name, mtt.data.zca)
+    data = load_data(mtt.data)
     expert_cfg = mtt.expert.replace(record="full", num_experts=num_experts, epochs=expert_epochs, seed=seed)
     store_full = cached_experts(data, mtt.net, expert_cfg, root=runs_dir, device=device, progress=progress)
     e = mct.expert
-    store_convex = convexified_store(store_full, e.num_waypoints, e.beta_schedule, e.smooth)
+    store_convex = convexified_store(store_full, num_waypoints or e.num_waypoints, e.beta_schedule, e.smooth)
     return Setting(ipc, data, mtt, mct, approximate, store_full, store_convex)
 
 

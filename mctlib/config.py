@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .data import DATASET_INFO, DATASETS
 from .networks import NetConfig
 
 METHODS = ("mtt", "mct")
@@ -101,8 +102,6 @@ class DataConfig(_Config):
 
     def __post_init__(self) -> None:
         self._check_types()
-        from .data import DATASETS
-
         self._choice("name", DATASETS)
         self._range("image_size", 1)
         self._range("train_per_class", 1)
@@ -252,13 +251,6 @@ class Preset:
                 "eval": self.eval.to_dict(), "note": self.note}
 
 
-_DATA_SHAPES = {  # channels, image size, classes, arch
-    "cifar10": (3, 32, 10, "convnet"),
-    "cifar100": (3, 32, 100, "convnet"),
-    "tiny_imagenet": (3, 64, 200, "convnet_d4"),
-    "digits": (1, 16, 10, "convnet"),
-    "fashion_mnist": (1, 28, 10, "convnet"),
-}
 
 # MTT as published: (dataset, ipc) -> syn_steps, expert_epochs, max_start, lr_img, lr_lr, lr_teacher, zca, batch_syn
 _MTT = {
@@ -311,7 +303,7 @@ _CPU_DISTILL = dict(syn_steps=20, expert_epochs=2.0, max_start_epoch=10.0, lr_im
 
 
 def _paper_preset(method: str, dataset: str, ipc: int) -> Preset:
-    channels, size, classes, arch = _DATA_SHAPES[dataset]
+    info = DATASET_INFO[dataset]
     steps, m, start, lr_img, lr_lr, lr_teacher, zca, batch_syn = _MTT[(dataset, ipc)]
     if method == "mct":
         steps, m, start, lr_img, lr_lr = _MCT[(dataset, ipc)]
@@ -319,7 +311,7 @@ def _paper_preset(method: str, dataset: str, ipc: int) -> Preset:
     return Preset(
         name=f"{method}-{dataset.replace('_', '')}-ipc{ipc}",
         data=DataConfig(name=dataset, zca=zca),
-        net=NetConfig(arch=arch, channels=channels, num_classes=classes, image_size=size),
+        net=NetConfig(arch=info.arch, channels=info.channels, num_classes=info.num_classes, image_size=info.image_size),
         expert=ExpertConfig(**_PAPER_EXPERT, record="full" if method == "mtt" else "convex"),
         distill=DistillConfig(method=method, ipc=ipc, syn_steps=steps, expert_epochs=float(m),
                               max_start_epoch=float(start), lr_img=float(lr_img), lr_lr=lr_lr,
@@ -334,11 +326,11 @@ def _paper_preset(method: str, dataset: str, ipc: int) -> Preset:
 
 
 def _digits_preset(method: str, ipc: int) -> Preset:
-    channels, size, classes, arch = _DATA_SHAPES["digits"]
+    info = DATASET_INFO["digits"]
     return Preset(
         name=f"{method}-digits-ipc{ipc}",
         data=DataConfig(name="digits"),
-        net=NetConfig(arch=arch, channels=channels, num_classes=classes, image_size=size, **_DIGITS_NET),
+        net=NetConfig(arch=info.arch, channels=info.channels, num_classes=info.num_classes, image_size=info.image_size, **_DIGITS_NET),
         expert=ExpertConfig(num_experts=5, epochs=15, record="full" if method == "mtt" else "convex"),
         distill=DistillConfig(method=method, ipc=ipc, **_DIGITS[ipc], iterations=200, eval_every=50),
         eval=EvalConfig(num_eval=3, epochs=300),
@@ -347,11 +339,11 @@ def _digits_preset(method: str, ipc: int) -> Preset:
 
 
 def _cpu_preset(method: str, dataset: str, ipc: int) -> Preset:
-    channels, _, classes, arch = _DATA_SHAPES[dataset]
+    info = DATASET_INFO[dataset]
     return Preset(
         name=f"{method}-{dataset.replace('_', '')}-cpu-ipc{ipc}",
         data=DataConfig(name=dataset, **_CPU_DATA),
-        net=NetConfig(arch=arch, channels=channels, num_classes=classes, image_size=_CPU_DATA["image_size"],
+        net=NetConfig(arch=info.arch, channels=info.channels, num_classes=info.num_classes, image_size=_CPU_DATA["image_size"],
                       **_DIGITS_NET),
         expert=ExpertConfig(**_CPU_EXPERT, record="full" if method == "mtt" else "convex"),
         distill=DistillConfig(method=method, ipc=ipc, **_CPU_DISTILL, iterations=50, eval_every=50),

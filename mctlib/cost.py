@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .augment import make_augment
 from .config import Preset
+from .data import DATASET_INFO
 from .matching import Student, match, plan_student
 from .networks import FlatModel, build_network
 
@@ -47,9 +48,6 @@ def _probe_dataset_free(preset: Preset, images: int, steps: int, mode: str) -> t
     return float(counter.get_total_flops()), float(sum(saved.values())), Count.ops
 
 
-TRAIN_SIZE = {"cifar10": 50_000, "cifar100": 50_000, "tiny_imagenet": 100_000, "digits": 1347}
-
-
 def estimate_cost(preset: Preset, throughput: float = 5e12, launch_seconds: float = 10e-6,
                   probe_images: int = 2) -> dict:
     """Estimated cost of one preset on a GPU, from quantities counted on the CPU.
@@ -84,7 +82,9 @@ def estimate_cost(preset: Preset, throughput: float = 5e12, launch_seconds: floa
     fixed = 4 * (3 * pixels + e.num_experts * record_vectors * model.numel)
     evals = d.iterations // d.eval_every + 1 if d.eval_every else 0
     eval_flops = ev.num_eval * ev.epochs * n_syn * 3 * fwd_flops
-    expert_flops = e.num_experts * e.epochs * TRAIN_SIZE.get(preset.data.name, 50_000) * 3 * fwd_flops
+    info = DATASET_INFO[preset.data.name]
+    train_size = info.num_classes * preset.data.train_per_class if preset.data.train_per_class else info.train_size
+    expert_flops = e.num_experts * e.epochs * train_size * 3 * fwd_flops
     return {"preset": preset.name, "parameters": model.numel, "forward_flops_per_image": fwd_flops,
             "flops_per_iteration": flops, "ops_per_iteration": ops, "seconds_per_iteration": seconds,
             "distill_hours": d.iterations * seconds / 3600, "activation_bytes": activations[d.gradient_mode],

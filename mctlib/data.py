@@ -4,19 +4,24 @@ Every dataset comes back the same way: float32 (N, C, H, W) images normalised pe
 the *training* split's mean and std, optionally ZCA-whitened (eps 0.1, fitted on the training
 split, as MTT and MCT do), int64 labels, and the facts a run manifest records.
 
-`digits` (scikit-learn's 8x8 handwritten digits, upsampled to 16x16) is the default everywhere:
-it ships with scikit-learn, so every chapter runs offline in seconds. The other datasets are read
-through torchvision's own loaders from their standard on-disk layouts under `root`
-(default `~/.cache/mctlib/data`, or the `MCTLIB_DATA` environment variable).
+`digits` (scikit-learn's 8x8 handwritten digits, upsampled to 16x16) ships with scikit-learn, so it
+runs offline in seconds. MNIST and Fashion-MNIST are read by our own IDX reader, from torchvision's
+layout under `root` (default `~/.cache/mctlib/data`, or the `MCTLIB_DATA` environment variable) or,
+for Fashion-MNIST, from where Debian's `dataset-fashion-mnist` installs it. The other datasets are
+read through torchvision's loaders from their standard layouts under `root`; torchvision downloads
+any of them but digits and Tiny ImageNet when asked (download=True).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib.util
+import gzip
 import hashlib
+import importlib.util
 import numbers
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,15 +30,69 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "tiny_imagenet")
 
-DIGITS_IMAGE_SIZE = 16  # digits are upsampled 8 -> 16 by default: 8x8 is too small for three 2x pools
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What is fixed about a dataset before any file is read; `DATASET_INFO` is the one table of them."""
+
+    title: str                           # as written in prose: "Fashion-MNIST"
+    channels: int
+    native_size: int                     # side of the square images as distributed
+    image_size: int                      # side load_dataset returns by default (native, except digits)
+    num_classes: int
+    arch: str                            # default network (NetConfig.arch) at image_size
+    train_size: int                      # images in the standard splits
+    test_size: int
+    class_names: tuple[str, ...] | None  # None: read from the dataset's own files
+    downloadable: bool                   # torchvision can fetch it (download=True)
+
+
+_DIGIT_NAMES = tuple(str(d) for d in range(10))
+_FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot")  # label order of the original files (Zalando's README)
+_CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+DATASET_INFO: dict[str, DatasetInfo] = {
+    # title, channels, native size, default size, classes, arch, train, test, class names, downloadable.
+    # digits are upsampled 8 -> 16 by default: 8x8 is too small for three 2x pools. The split is ours (a quarter).
+    "digits": DatasetInfo("digits", 1, 8, 16, 10, "convnet", 1347, 450, _DIGIT_NAMES, False),
+    "mnist": DatasetInfo("MNIST", 1, 28, 28, 10, "convnet", 60_000, 10_000, _DIGIT_NAMES, True),
+    "fashion_mnist": DatasetInfo("Fashion-MNIST", 1, 28, 28, 10, "convnet", 60_000, 10_000, _FASHION_NAMES, True),
+    "cifar10": DatasetInfo("CIFAR-10", 3, 32, 32, 10, "convnet", 50_000, 10_000, _CIFAR10_NAMES, True),
+    "cifar100": DatasetInfo("CIFAR-100", 3, 32, 32, 100, "convnet", 50_000, 10_000, None, True),
+    "svhn": DatasetInfo("SVHN", 3, 32, 32, 10, "convnet", 73_257, 26_032, _DIGIT_NAMES, True),
+    "tiny_imagenet": DatasetInfo("Tiny ImageNet", 3, 64, 64, 200, "convnet_d4", 100_000, 10_000, None, False),
+}
+DATASETS: tuple[str, ...] = tuple(DATASET_INFO)
+DIGITS_IMAGE_SIZE = DATASET_INFO["digits"].image_size
+
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_FOLDER = "tiny-imagenet-200"
 SVHN_FOLDER = "svhn"  # torchvision keeps SVHN's .mat files loose in its root; we give them a folder
 
+# Datasets a system package installs, searched after `root`: name -> (Debian/Ubuntu package, its folders).
+# `dpkg -L dataset-fashion-mnist` lists the four original IDX files, gzip-compressed, in this folder.
+SYSTEM_DATASETS: dict[str, tuple[str, tuple[Path, ...]]] = {
+    "fashion_mnist": ("dataset-fashion-mnist", (Path("/usr/share/datasets/fashion-mnist"),)),
+}
+
+# The four IDX files of MNIST and Fashion-MNIST, and torchvision's folder for them under root (<Folder>/raw).
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_IDX_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+_IDX_MAGIC = {3: 2051, 1: 2049}  # images (N, H, W) and labels (N,): 0x00 0x00, type 0x08 (ubyte), ndim
+# sha256 of the decompressed files. Debian recompressed the .gz files, so their md5 differs from
+# torchvision's, but the content is the original: these also match the published hashes of the
+# files decompressed from Zalando's downloads (whose md5s are the ones torchvision lists).
+IDX_SHA256 = {
+    "fashion_mnist": {
+        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    },
+}
+
 _CHUNK = 8192  # images per chunk for statistics, resizing and covariance, to bound peak memory
-_DIGIT_NAMES = [str(d) for d in range(10)]
 
 
 class DatasetError(RuntimeError):
@@ -206,15 +265,15 @@ def load_dataset(
     """Load a real dataset D, normalised with its training statistics, optionally ZCA-whitened.
 
     name: one of `DATASETS`. root: folder holding the datasets (default `default_root()`).
+    Fashion-MNIST is also found where Debian's `dataset-fashion-mnist` installs it (`SYSTEM_DATASETS`).
     download: let torchvision fetch a missing dataset (not possible for digits, which ships with
     scikit-learn, nor for tiny_imagenet, which must be unzipped by hand).
-    image_size: square side to resize to (bilinear); default the native size, except digits: 16.
-    verify_checksums: compare CIFAR and SVHN files with torchvision's published md5 sums before
-    reading them. A download always verifies.
+    image_size: square side to resize to (bilinear); default `DATASET_INFO[name].image_size`.
+    verify_checksums: compare CIFAR and SVHN files with torchvision's published md5 sums, and
+    Fashion-MNIST's content with its published sha256 (`IDX_SHA256`), before reading them.
+    A download always verifies.
     """
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    key = _key(name)
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size <= 0
     ):
@@ -224,8 +283,8 @@ def load_dataset(
     if key == "digits":
         raw = _digits()
         image_size = DIGITS_IMAGE_SIZE if image_size is None else image_size
-    elif key in ("mnist", "fashion_mnist"):
-        raw = _mnist(key, root, download)
+    elif key in _IDX_FOLDERS:
+        raw = _idx_dataset(key, root, download, verify_checksums)
     elif key in ("cifar10", "cifar100"):
         raw = _cifar(key, root, download, verify_checksums)
     elif key == "svhn":
@@ -233,6 +292,17 @@ def load_dataset(
     else:
         raw = _tiny_imagenet(root, download)
     return _prepare(key, *raw, image_size=image_size, zca=zca, zca_eps=zca_eps)
+
+
+def _key(name: str) -> str:
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    return key
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
 
 
 # A loader returns (train_images, train_labels, test_images, test_labels, class_names) with
@@ -353,6 +423,155 @@ def _digits() -> _Raw:
     )
 
 
+# --- MNIST and Fashion-MNIST: IDX files, read by us ------------------------------------------
+
+IDX_IMAGES, IDX_LABELS = 2051, 2049  # magic numbers: 0x00 0x00, type 0x08 (unsigned byte), ndim 3 or 1
+
+
+def read_idx(path: str | Path, magic: int) -> np.ndarray:
+    """An IDX file of unsigned bytes, plain or gzip, as a writable uint8 array of the shape its header gives.
+
+    The format of LeCun's MNIST page: a big-endian int32 magic number (2051 for (N, H, W) images,
+    2049 for (N,) labels), one big-endian int32 per dimension, then the bytes in row-major order.
+    Anything else raises DatasetError naming the file.
+    """
+    if magic not in (IDX_IMAGES, IDX_LABELS):
+        raise ValueError(f"magic must be IDX_IMAGES ({IDX_IMAGES}) or IDX_LABELS ({IDX_LABELS}), got {magic!r}")
+    path = Path(path)
+    fix = "replace it with an intact copy"
+    return _parse_idx(_idx_bytes(path, fix), magic, path, fix)
+
+
+def find_idx_files(name: str, root: str | Path | None = None) -> dict[str, Path] | None:
+    """The four IDX files load_dataset would read for mnist or fashion_mnist, or None if no folder holds all four.
+
+    Searched in order: torchvision's folder under root (`<root>/FashionMNIST/raw`, default
+    `default_root()`), then the system folders of `SYSTEM_DATASETS`. Plain files win over .gz.
+    """
+    key = _key(name)
+    if key not in _IDX_FOLDERS:
+        raise ValueError(f"{name!r} is not stored as IDX files; those that are: {', '.join(_IDX_FOLDERS)}")
+    for folder in _idx_folders(key, default_root() if root is None else Path(root).expanduser()):
+        found = {}
+        for stem in IDX_FILES:
+            path = next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
+            if path is None:
+                break
+            found[stem] = path
+        else:
+            return found
+    return None
+
+
+def _idx_folders(key: str, root: Path) -> list[Path]:
+    return [root / _IDX_FOLDERS[key] / "raw", *SYSTEM_DATASETS.get(key, ("", ()))[1]]
+
+
+def _idx_bytes(path: Path, fix: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DatasetError(f"cannot read {path} ({err.strerror or err}); {fix}") from err
+    if data[:2] == b"\x1f\x8b":  # gzip's magic, whatever the file is called
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError; a cut-off stream, EOFError
+            raise DatasetError(f"{path} is not an intact gzip file ({err}); {fix}") from err
+    return data
+
+
+def _parse_idx(data: bytes, magic: int, path: Path, fix: str) -> np.ndarray:
+    what, ndim = ("images" if magic == IDX_IMAGES else "labels"), magic & 0xFF
+    found = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    if found != magic:
+        raise DatasetError(f"{path} is not an IDX {what} file (magic number {found}, expected {magic}); {fix}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{path} is truncated inside its header ({len(data)} bytes); {fix}")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    size = header + int(np.prod(dims))
+    if len(data) != size:
+        state = "truncated" if len(data) < size else "longer than its header says"
+        raise DatasetError(f"{path} is {state}: {len(data)} bytes where its header ({'x'.join(map(str, dims))}) "
+                           f"needs {size}; {fix}")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims).copy()
+
+
+def _idx_fix(key: str, path: Path) -> str:
+    """What to do about a bad file: reinstall the system package, or delete our copy and download again."""
+    package, folders = SYSTEM_DATASETS.get(key, ("", ()))
+    if path.parent in folders:
+        return f"reinstall it as root with `apt-get install --reinstall {package}`"
+    return f"delete {path.parent} and load again with download=True (CLI: --data-download)"
+
+
+def _idx_ways(key: str, root: Path) -> str:
+    """The ways to get a missing dataset, as one sentence."""
+    package = SYSTEM_DATASETS.get(key, ("", ()))[0]
+    ways = [f"pass download=True (CLI: --data-download) to fetch it into {root} over the internet",
+            f"point root= / MCTLIB_DATA at the folder that holds {_IDX_FOLDERS[key]}/raw"]
+    if package:
+        ways.insert(0, f"install it as root with `apt-get install {package}` (Debian/Ubuntu)")
+    text = ", or ".join(ways)
+    return f"{text[0].upper()}{text[1:]}."
+
+
+def _idx_dataset(key: str, root: Path, download: bool, verify: bool) -> _Raw:
+    info = DATASET_INFO[key]
+    what = info.title
+    files = find_idx_files(key, root)
+    if files is None and download:
+        _idx_download(key, root)
+        files = find_idx_files(key, root)
+    if files is None:
+        package, folders = SYSTEM_DATASETS.get(key, ("", ()))
+        system = "".join(f", or {package}'s copy in {folder}" for folder in folders)
+        expected = root / _IDX_FOLDERS[key] / "raw" / IDX_FILES[0]
+        raise FileNotFoundError(f"{what} not found: expected {expected}{system}. {_idx_ways(key, root)}")
+    arrays = {}
+    for stem, path in files.items():
+        fix = _idx_fix(key, path)
+        data = _idx_bytes(path, fix)
+        published = IDX_SHA256.get(key, {}).get(stem) if verify else None
+        digest = hashlib.sha256(data).hexdigest() if published else None
+        if digest != published:
+            raise DatasetError(f"{what}: the content of {path} does not match the published {stem} (sha256 "
+                               f"{digest[:16]}..., expected {published[:16]}...); {fix}")
+        arrays[stem] = _parse_idx(data, IDX_IMAGES if "images" in stem else IDX_LABELS, path, fix)
+    out = []
+    for split in ("train", "t10k"):
+        images_file, labels_file = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
+        images, labels = arrays[images_file], arrays[labels_file]
+        fix = _idx_fix(key, files[images_file])
+        if images.shape[1:] != (info.native_size, info.native_size):
+            raise DatasetError(f"{what}: {files[images_file]} holds {images.shape[1]}x{images.shape[2]} images, "
+                               f"not {info.native_size}x{info.native_size}; {fix}")
+        if len(images) != len(labels):
+            raise DatasetError(f"{what}: {files[images_file]} holds {len(images)} images but {files[labels_file]} "
+                               f"{len(labels)} labels; {fix}")
+        out += [_uint8_to_float(images[:, None]), torch.from_numpy(labels.astype(np.int64))]
+    return (*out, list(info.class_names))
+
+
+def _idx_download(key: str, root: Path) -> None:
+    """torchvision's download into <root>/<Folder>/raw (it also unpacks the .gz files there)."""
+    from torchvision import datasets
+
+    cls = datasets.MNIST if key == "mnist" else datasets.FashionMNIST
+    folder = root / _IDX_FOLDERS[key] / "raw"
+    try:
+        cls(str(root), train=True, download=True)
+    except MemoryError:
+        raise
+    except Exception as err:
+        package = SYSTEM_DATASETS.get(key, ("", ()))[0]
+        offline = f" Without internet access, install it as root with `apt-get install {package}` (Debian/Ubuntu)." \
+            if package else ""
+        raise DatasetError(f"could not download {DATASET_INFO[key].title} into {folder} ({_one_line(err)}). "
+                           f"Check the network connection; if a download was interrupted, delete {folder} and try "
+                           f"again.{offline}") from err
+
+
 # --- torchvision-backed ----------------------------------------------------------------------
 
 
@@ -390,7 +609,7 @@ def _read(what: str, folder: Path, read: Callable[[], Any], downloading: bool) -
     except MemoryError:
         raise
     except Exception as err:
-        cause = f"{type(err).__name__}: {err}"
+        cause = _one_line(err)
         if downloading:
             raise DatasetError(
                 f"could not download or read {what} into {folder} ({cause}). Check the network connection; "
@@ -406,28 +625,6 @@ def _without_md5(cls: type, **overrides: Any) -> type:
     # Same torchvision reading code, with its per-file md5 table blanked: we have checked the
     # files ourselves (or been told not to), and a missing file must be a FileNotFoundError.
     return type(cls.__name__, (cls,), overrides)
-
-
-def _mnist(key: str, root: Path, download: bool) -> _Raw:
-    from torchvision import datasets
-
-    cls = datasets.MNIST if key == "mnist" else datasets.FashionMNIST
-    what = "MNIST" if key == "mnist" else "Fashion-MNIST"
-    folder = root / cls.__name__ / "raw"
-    # torchvision reads the uncompressed idx files; its md5 sums are for the .gz downloads only.
-    files = [folder / os.path.splitext(name)[0] for name, _ in cls.resources]
-    if not download:
-        _require(files, what, _download_hint(root))
-    train = _read(what, folder, lambda: cls(str(root), train=True, download=download), download)
-    test = _read(what, folder, lambda: cls(str(root), train=False, download=download), download)
-    names = list(_DIGIT_NAMES) if key == "mnist" else list(cls.classes)
-    return (
-        _uint8_to_float(train.data.unsqueeze(1)),
-        train.targets.long(),
-        _uint8_to_float(test.data.unsqueeze(1)),
-        test.targets.long(),
-        names,
-    )
 
 
 def _cifar(key: str, root: Path, download: bool, verify: bool) -> _Raw:
@@ -593,33 +790,62 @@ def real_images_per_class(
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`ipc` distinct random real images of each class (MTT's initialisation of S), grouped by class."""
-    if isinstance(ipc, bool) or not isinstance(ipc, numbers.Integral) or ipc <= 0:
-        raise ValueError(f"ipc must be a positive integer, got {ipc!r}")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-    per_class = class_indices(labels, num_classes)
-    sizes = [idx.numel() for idx in per_class]
-    smallest = min(range(num_classes), key=sizes.__getitem__)
-    if sizes[smallest] < ipc:
-        raise ValueError(f"IPC {ipc} is impossible: class {smallest} has only {sizes[smallest]} training images")
-    chosen = []
-    for idx in per_class:
-        pick = torch.randperm(idx.numel(), generator=generator, device=generator.device)[:ipc]
-        chosen.append(idx[pick.to(idx.device)])
-    chosen_idx = torch.cat(chosen).to(images.device)
+    chosen_idx = _pick_per_class(labels, num_classes, ipc, generator, "IPC").to(images.device)
     out_labels = torch.arange(num_classes, device=labels.device).repeat_interleave(ipc)
     return images[chosen_idx].clone(), out_labels
 
 
+def balanced_subset(dataset: Dataset, per_class: int, seed: int) -> Dataset:
+    """D with a class-balanced training split: `per_class` random images of each class, for experts trained on part
+    of D (chapter 4, "Experiments").
+
+    The same seed picks the same images on any machine (a CPU torch generator); they keep their order in D.
+    The test split, the normalisation (mean, std of the full training split) and the ZCA are D's own.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    idx = _pick_per_class(dataset.train_labels.cpu(), dataset.num_classes, per_class, generator, "per_class")
+    idx = idx.sort().values.to(dataset.train_labels.device)
+    return dataclasses.replace(dataset, train_images=dataset.train_images[idx], train_labels=dataset.train_labels[idx])
+
+
+def _pick_per_class(labels: torch.Tensor, num_classes: int, k: int, generator: torch.Generator,
+                    what: str) -> torch.Tensor:
+    """Indices of k distinct random examples of each class, class 0's first."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
+        raise ValueError(f"{what.lower()} must be a positive integer, got {k!r}")
+    per_class = class_indices(labels, num_classes)
+    sizes = [idx.numel() for idx in per_class]
+    smallest = min(range(num_classes), key=sizes.__getitem__)
+    if sizes[smallest] < k:
+        raise ValueError(f"{what} {k} is impossible: class {smallest} has only {sizes[smallest]} training images")
+    chosen = []
+    for idx in per_class:
+        pick = torch.randperm(idx.numel(), generator=generator, device=generator.device)[:k]
+        chosen.append(idx[pick.to(idx.device)])
+    return torch.cat(chosen)
+
+
 __all__ = [
     "DATASETS",
+    "DATASET_INFO",
     "DIGITS_IMAGE_SIZE",
     "Dataset",
     "DatasetError",
+    "DatasetInfo",
+    "IDX_FILES",
+    "IDX_IMAGES",
+    "IDX_LABELS",
+    "IDX_SHA256",
+    "SYSTEM_DATASETS",
     "TINY_IMAGENET_URL",
     "ZCA",
+    "balanced_subset",
     "class_indices",
     "default_root",
+    "find_idx_files",
     "load_dataset",
+    "read_idx",
     "real_images_per_class",
 ]

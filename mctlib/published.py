@@ -7,6 +7,7 @@ import shlex
 from dataclasses import dataclass
 
 from .config import Preset, get_preset, presets
+from .data import DATASET_INFO
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,13 @@ def preset_name(method: str, dataset: str, ipc: int) -> str:
     return f"{method}-{dataset.replace('_', '')}-ipc{ipc}"
 
 
-def experiment_preset(method: str, dataset: str, ipc: int) -> tuple[Preset, bool]:
-    """(preset, approximate) for `method` on `dataset` at `ipc`. The MCT authors published commands for
+def experiment_preset(method: str, dataset: str, ipc: int, cpu: bool = False) -> tuple[Preset, bool]:
+    """(preset, approximate) for `method` on `dataset` at `ipc`; with `cpu`, the dataset's CPU setting
+    where it has one (`<method>-<dataset>-cpu-ipc<IPC>`). The MCT authors published commands for
     CIFAR-10 only; elsewhere MCT takes MTT's preset for the same dataset and IPC with method 'mct'
     (approximate = True: not the authors' settings)."""
+    if cpu and preset_name(method, dataset + "-cpu", ipc) in presets():
+        return get_preset(preset_name(method, dataset + "-cpu", ipc)), False
     name = preset_name(method, dataset, ipc)
     if name in presets():
         return get_preset(name), False
@@ -82,7 +86,7 @@ def reproduce_commands(method: str, dataset: str, ipc: int | None, root: str = P
     if method == "full":  # the full-data ceiling: the same evaluation protocol on the whole training set
         base = next(get_preset(preset_name("mtt", dataset, i)) for i in (1, 10, 50)
                     if not get_preset(preset_name("mtt", dataset, i)).data.zca)
-        download = "" if dataset == "tiny_imagenet" else " --data-download"
+        download = " --data-download" if DATASET_INFO[dataset].downloadable else ""
         cli = [f"python -m mctlib evaluate --preset {base.name} --baseline full --epochs {FULL_DATA_EPOCHS}"
                f"{download} --out {root}/full-{dataset}"]
         return {"preset": base.name, "approximate": False, "cli": cli,
@@ -93,7 +97,7 @@ def reproduce_commands(method: str, dataset: str, ipc: int | None, root: str = P
     preset, approximate = experiment_preset(method, dataset, ipc)
     mtt = get_preset(preset_name("mtt", dataset, ipc))
     experts = _store_dir(mtt, root)
-    download = "" if dataset == "tiny_imagenet" else " --data-download"
+    download = " --data-download" if DATASET_INFO[dataset].downloadable else ""
     cli = [f"python -m mctlib experts --preset {mtt.name}{download} --out {experts}"]
     store = experts
     if method == "mct":

@@ -28,7 +28,23 @@ def test_published_settings_match_method_md():
     assert d.method == "mct" and d.resolved_sampling == "continuous"
     assert get_preset("mct-cifar10-ipc10").expert.record == "convex"
     assert get_preset("mtt-cifar10-ipc10").distill.resolved_sampling == "integer"
-    assert len([n for n in presets() if n.startswith("mtt-") and "digits" not in n]) == 9
+    assert len([n for n in presets() if n.startswith("mtt-") and "digits" not in n and "fashion" not in n]) == 9
+
+
+def test_fashion_mnist_presets_follow_the_standard_protocol_and_the_cpu_setting_says_how_it_departs():
+    # The published Fashion-MNIST tables (DC, DSA): ConvNet width 128, depth 3, instance norm, 28x28.
+    for method in ("mtt", "mct"):
+        for ipc in (1, 10, 50):
+            p = get_preset(f"{method}-fashionmnist-ipc{ipc}")
+            assert (p.net.width, p.net.depth, p.net.norm, p.net.image_size, p.net.channels) == (128, 3, "instancenorm", 28, 1)
+            assert p.data.image_size is None and p.data.train_per_class is None and not p.data.zca
+            assert (p.expert.num_experts, p.expert.epochs, p.eval.num_eval, p.eval.epochs) == (100, 50, 5, 1000)
+            cpu = get_preset(f"{method}-fashionmnist-cpu-ipc{ipc}")
+            assert (cpu.net.width, cpu.net.image_size, cpu.data.image_size, cpu.data.train_per_class) == (64, 16, 16, 1000)
+            # one waypoint every 17 epochs: the paper's spacing (K = 4 on 50 epochs)
+            assert (cpu.expert.epochs, cpu.expert.num_waypoints) == (17, 2)
+            assert "16x16" in cpu.note and "width 128" in cpu.note
+    assert get_preset("mct-fashionmnist-ipc10").distill.expert_epochs == 15  # the MCT CIFAR-10 command
 
 
 @pytest.mark.parametrize("cls, field, value, words", [

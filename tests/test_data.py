@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -11,12 +14,21 @@ import pytest
 import torch
 
 from mctlib.data import (
+    DATASET_INFO,
     DATASETS,
+    IDX_FILES,
+    IDX_IMAGES,
+    IDX_LABELS,
+    IDX_SHA256,
+    SYSTEM_DATASETS,
     ZCA,
     Dataset,
     DatasetError,
+    balanced_subset,
     class_indices,
+    find_idx_files,
     load_dataset,
+    read_idx,
     real_images_per_class,
 )
 
@@ -137,43 +149,219 @@ def test_cifar_truncated_pickle(tmp_path):
         load_dataset("cifar10", root=tmp_path, verify_checksums=False)
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """IDX format: magic 0x0000 | type 0x08 (ubyte) | ndim, big-endian dims, then the bytes."""
+# --- MNIST and Fashion-MNIST: the IDX files ---------------------------------------------------
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
+    """IDX format: magic 0x0000 | type 0x08 (ubyte) | ndim, big-endian dims, then the bytes; gzip as distributed."""
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.tobytes())
+    data = header + array.tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
 
 
-def write_mnist(root: Path, folder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True)
-    train, test = pixels(12, 28, 28), pixels(5, 28, 28)
+def write_mnist(folder: Path, compress: bool = False, size: int = 28) -> tuple[np.ndarray, ...]:
+    """The four files, named as in the original distribution (plus .gz when compressed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train, test = pixels(12, size, size), pixels(5, size, size)
     train_labels, test_labels = RNG.integers(0, 10, 12).astype(np.uint8), np.array([9, 0, 1, 2, 3], np.uint8)
-    write_idx(raw / "train-images-idx3-ubyte", train)
-    write_idx(raw / "train-labels-idx1-ubyte", train_labels)
-    write_idx(raw / "t10k-images-idx3-ubyte", test)
-    write_idx(raw / "t10k-labels-idx1-ubyte", test_labels)
+    suffix = ".gz" if compress else ""
+    for name, array in zip(IDX_FILES, (train, train_labels, test, test_labels)):
+        write_idx(folder / f"{name}{suffix}", array, compress)
     return train, train_labels, test, test_labels
 
 
+@pytest.fixture
+def system_folder(tmp_path, monkeypatch) -> Path:
+    """Fashion-MNIST's system folder moved to an empty temporary one, so only what a test writes is found."""
+    folder = tmp_path / "system" / "fashion-mnist"
+    folder.mkdir(parents=True)
+    monkeypatch.setitem(SYSTEM_DATASETS, "fashion_mnist", ("dataset-fashion-mnist", (folder,)))
+    return folder
+
+
+def test_read_idx_by_hand(tmp_path):
+    # A labels file written byte by byte: magic 2049, N = 3, then the labels 5, 0, 9.
+    labels = tmp_path / "labels"
+    labels.write_bytes(bytes.fromhex("00000801" "00000003" "050009"))
+    assert read_idx(labels, IDX_LABELS).tolist() == [5, 0, 9]
+    # Images: magic 2051, 2 images of 1x3, rows in order.
+    images = tmp_path / "images.gz"
+    images.write_bytes(gzip.compress(bytes.fromhex("00000803" "00000002" "00000001" "00000003" "010203" "ff0080")))
+    out = read_idx(images, IDX_IMAGES)
+    assert out.dtype == np.uint8 and out.shape == (2, 1, 3) and out.tolist() == [[[1, 2, 3]], [[255, 0, 128]]]
+    out[0, 0, 0] = 7  # writable: the caller owns it
+    with pytest.raises(ValueError, match="magic must be"):
+        read_idx(labels, 2050)
+
+
+@pytest.mark.parametrize("compress", [False, True])
 @pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
-def test_mnist_real_format(tmp_path, name, folder):
-    train, train_labels, test, test_labels = write_mnist(tmp_path, folder)
-    ds = load_dataset(name, root=tmp_path)
+def test_mnist_real_format(tmp_path, name, folder, compress):
+    train, train_labels, test, test_labels = write_mnist(tmp_path / folder / "raw", compress)
+    ds = load_dataset(name, root=tmp_path, verify_checksums=False)  # these are not the published files
     assert ds.num_classes == 10 and ds.channels == 1 and ds.image_size == (28, 28)
     assert ds.train_labels.tolist() == train_labels.tolist() and ds.test_labels.tolist() == test_labels.tolist()
     check_roundtrip(ds, train[:, None], test[:, None])
+    assert ds.class_names == list(DATASET_INFO[name].class_names)
     if name == "fashion_mnist":
-        assert ds.class_names[0] == "T-shirt/top"
-    resized = load_dataset(name, root=tmp_path, image_size=32)
+        assert ds.class_names[0] == "T-shirt/top" and ds.class_names[9] == "Ankle boot"
+    resized = load_dataset(name, root=tmp_path, image_size=32, verify_checksums=False)
     assert resized.train_images.shape == (12, 1, 32, 32)
 
 
-def test_mnist_bad_magic(tmp_path):
-    write_mnist(tmp_path, "MNIST")
-    images = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
-    images.write_bytes(b"\x00\x00\x99\x07" + images.read_bytes()[4:])
-    with pytest.raises(DatasetError, match=r"could not read MNIST from .*MNIST.raw.*download=True"):
-        load_dataset("mnist", root=tmp_path)
+def test_fashion_mnist_content_checked_by_default(tmp_path):
+    write_mnist(tmp_path / "FashionMNIST" / "raw")
+    published = r"content of .*FashionMNIST.raw.train-images-idx3-ubyte does not match the published .*download=True"
+    with pytest.raises(DatasetError, match=published):
+        load_dataset("fashion_mnist", root=tmp_path)
+
+
+def bad_file(folder: Path, how: str) -> Path:
+    """Spoil one of the four files written by write_mnist in `how` way; return it."""
+    if how == "wrong magic":  # an images file where the labels belong
+        path = folder / "t10k-labels-idx1-ubyte"
+        write_idx(path, pixels(5, 28, 28))
+    elif how == "truncated":
+        path = folder / "train-images-idx3-ubyte"
+        path.write_bytes(path.read_bytes()[:-100])
+    elif how == "too long":
+        path = folder / "train-labels-idx1-ubyte"
+        path.write_bytes(path.read_bytes() + b"\x00")
+    elif how == "cut gzip":
+        path = folder / "train-images-idx3-ubyte"
+        path.write_bytes(gzip.compress(path.read_bytes())[:-40])
+    elif how == "header only":
+        path = folder / "t10k-images-idx3-ubyte"
+        path.write_bytes(bytes.fromhex("00000803" "0000"))
+    elif how == "wrong count":
+        path = folder / "train-labels-idx1-ubyte"
+        write_idx(path, np.zeros(11, np.uint8))
+    else:  # wrong size: 32x32 images in the Fashion-MNIST files
+        path = folder / "train-images-idx3-ubyte"
+        write_idx(path, pixels(12, 32, 32))
+    return path
+
+
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("wrong magic", r"is not an IDX labels file \(magic number 2051, expected 2049\)"),
+        ("truncated", r"is truncated: 9324 bytes where its header \(12x28x28\) needs 9424"),
+        ("too long", r"is longer than its header says: 21 bytes where its header \(12\) needs 20"),
+        ("cut gzip", r"is not an intact gzip file"),
+        ("header only", r"is truncated inside its header \(6 bytes\)"),
+        ("wrong count", r"holds 12 images but .*train-labels-idx1-ubyte 11 labels"),
+        ("wrong size", r"holds 32x32 images, not 28x28"),
+    ],
+)
+def test_bad_idx_file_named_with_what_to_do(tmp_path, how, message):
+    folder = tmp_path / "FashionMNIST" / "raw"
+    write_mnist(folder)
+    path = bad_file(folder, how)
+    with pytest.raises(DatasetError) as err:
+        load_dataset("fashion_mnist", root=tmp_path, verify_checksums=False)
+    text = str(err.value)
+    assert re.search(message, text) and "\n" not in text
+    assert str(path) in text and f"delete {folder} and load again with download=True" in text
+
+
+def test_idx_search_order_root_then_system(tmp_path, system_folder):
+    system, *_ = write_mnist(system_folder, compress=True)  # as Debian installs them: .gz only
+    root = tmp_path / "root"
+    found = find_idx_files("fashion_mnist", root)
+    assert found is not None and found["train-images-idx3-ubyte"] == system_folder / "train-images-idx3-ubyte.gz"
+    assert_train_pixels(load_dataset("fashion_mnist", root=root, verify_checksums=False), system)
+    mine, *_ = write_mnist(root / "FashionMNIST" / "raw")  # the user's own copy comes first
+    assert_train_pixels(load_dataset("fashion_mnist", root=root, verify_checksums=False), mine)
+    assert find_idx_files("mnist", root) is None  # Debian has no MNIST package we know of
+
+
+def assert_train_pixels(ds: Dataset, written: np.ndarray) -> None:
+    back = ds.denormalise(ds.train_images)
+    torch.testing.assert_close(back, torch.from_numpy(written[:, None]).float() / 255, atol=1e-5, rtol=0)
+
+
+def test_bad_system_file_says_reinstall(tmp_path, system_folder):
+    write_mnist(system_folder, compress=True)
+    bad = system_folder / "t10k-labels-idx1-ubyte.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"\x00" * 30)
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(bad))} is not an intact gzip file .*"
+                                           r"apt-get install --reinstall dataset-fashion-mnist"):
+        load_dataset("fashion_mnist", root=tmp_path / "root", verify_checksums=False)
+    write_mnist(system_folder, compress=True)
+    with pytest.raises(DatasetError, match=r"does not match the published .*apt-get install --reinstall"):
+        load_dataset("fashion_mnist", root=tmp_path / "root")
+
+
+def test_fashion_mnist_nowhere_names_both_ways(tmp_path, system_folder):
+    with pytest.raises(FileNotFoundError) as err:
+        load_dataset("fashion_mnist", root=tmp_path / "root")
+    text = str(err.value)
+    assert "\n" not in text and str(tmp_path / "root" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte") in text
+    assert str(system_folder) in text
+    assert "apt-get install dataset-fashion-mnist" in text and "download=True (CLI: --data-download)" in text
+
+
+def test_fashion_mnist_download_fails_names_both_ways(tmp_path, system_folder, monkeypatch):
+    from torchvision import datasets
+
+    # Nothing listens on the discard port, so the download fails at once, as it does offline.
+    monkeypatch.setattr(datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
+    with pytest.raises(DatasetError) as err:
+        load_dataset("fashion_mnist", root=tmp_path / "root", download=True)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("could not download Fashion-MNIST into")
+    assert "apt-get install dataset-fashion-mnist" in text and "Check the network connection" in text
+
+
+# The real files, where Debian's dataset-fashion-mnist is installed (CI installs it).
+REAL = find_idx_files("fashion_mnist", root=Path("/nonexistent"))
+needs_real = pytest.mark.skipif(REAL is None, reason="no Fashion-MNIST: apt-get install dataset-fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def fashion() -> Dataset:
+    return load_dataset("fashion_mnist", root=Path("/nonexistent"))
+
+
+@needs_real
+def test_real_fashion_mnist(fashion):
+    info = DATASET_INFO["fashion_mnist"]
+    assert fashion.train_images.shape == (info.train_size, 1, 28, 28) == (60_000, 1, 28, 28)
+    assert fashion.test_images.shape == (info.test_size, 1, 28, 28) == (10_000, 1, 28, 28)
+    assert torch.bincount(fashion.train_labels).tolist() == [6000] * 10
+    assert torch.bincount(fashion.test_labels).tolist() == [1000] * 10
+    # The per-channel statistics every Fashion-MNIST paper normalises with (DC/DSA: 0.2860, 0.3530).
+    assert abs(fashion.mean[0] - 0.2860) < 1e-4 and abs(fashion.std[0] - 0.3530) < 1e-4
+    pixels_back = fashion.denormalise(fashion.test_images) * 255
+    assert float(pixels_back.min()) == pytest.approx(0, abs=1e-3)
+    assert float(pixels_back.max()) == pytest.approx(255, abs=1e-3)
+    assert torch.allclose(pixels_back, pixels_back.round(), atol=2e-3)  # 8-bit pixels, exactly
+
+
+@needs_real
+def test_real_fashion_mnist_content(tmp_path):
+    # Our hashes are of the decompressed files; they match what is installed ...
+    for stem, path in REAL.items():
+        assert hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest() == IDX_SHA256["fashion_mnist"][stem]
+    # ... and our reader agrees with torchvision's on the test split.
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    for stem, read in (("t10k-images-idx3-ubyte", read_image_file), ("t10k-labels-idx1-ubyte", read_label_file)):
+        plain = tmp_path / stem
+        plain.write_bytes(gzip.decompress(REAL[stem].read_bytes()))
+        ours = read_idx(REAL[stem], IDX_IMAGES if "images" in stem else IDX_LABELS)
+        assert np.array_equal(ours, read(str(plain)).numpy())
+
+
+@needs_real
+def test_real_fashion_mnist_balanced_subset(fashion):
+    subset = balanced_subset(fashion, 500, seed=0)
+    assert torch.bincount(subset.train_labels).tolist() == [500] * 10
+    assert subset.test_images is fashion.test_images and subset.mean == fashion.mean
+
+
+# --- SVHN and Tiny ImageNet --------------------------------------------------------------------
 
 
 def write_svhn(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -282,7 +470,7 @@ def test_bad_image_size(size):
         ("svhn", "svhn/train_32x32.mat"),
     ],
 )
-def test_missing_dataset_says_where_and_how(tmp_path, name, expected):
+def test_missing_dataset_says_where_and_how(tmp_path, system_folder, name, expected):
     with pytest.raises(FileNotFoundError) as err:
         load_dataset(name, root=tmp_path)
     assert str(tmp_path / expected) in str(err.value) and "download=True" in str(err.value)
@@ -366,3 +554,26 @@ def test_impossible_ipc():
         real_images_per_class(ds.train_images, ds.train_labels, 10, 500, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="ipc"):
         real_images_per_class(ds.train_images, ds.train_labels, 10, 0, torch.Generator())
+
+
+def test_balanced_subset_by_hand():
+    # Image i is filled with the value i, so the subset's images name the examples chosen.
+    labels = torch.tensor([0, 1, 1, 2, 0, 1, 2, 2, 0, 1, 1, 2, 0])  # class sizes 4, 5, 4
+    images = torch.arange(len(labels), dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    ds = Dataset("toy", images, labels, images[:2].clone(), labels[:2].clone(), 1, (2, 2), 3, ["a", "b", "c"],
+                 (0.0,), (1.0,), None)
+    subset = balanced_subset(ds, 3, seed=5)
+    chosen = subset.train_images[:, 0, 0, 0].long()
+    assert torch.equal(subset.train_images, images[chosen]) and torch.equal(subset.train_labels, labels[chosen])
+    assert torch.bincount(subset.train_labels).tolist() == [3, 3, 3]
+    assert chosen.tolist() == sorted(set(chosen.tolist()))  # distinct, in D's order
+    assert subset.test_images is ds.test_images and subset.test_labels is ds.test_labels
+    assert torch.equal(balanced_subset(ds, 3, seed=5).train_images, subset.train_images)
+    draws = {tuple(balanced_subset(ds, 3, seed=s).train_images[:, 0, 0, 0].tolist()) for s in range(10)}
+    assert len(draws) > 1  # the seed matters
+    whole = balanced_subset(ds, 4, seed=0).train_images[:, 0, 0, 0].long()  # all of classes 0 and 2
+    assert [i for i in whole.tolist() if labels[i] != 1] == [i for i in range(13) if labels[i] != 1]
+    with pytest.raises(ValueError, match=r"per_class 5 is impossible: class 0 has only 4 training images"):
+        balanced_subset(ds, 5, seed=0)
+    with pytest.raises(ValueError, match="per_class must be a positive integer"):
+        balanced_subset(ds, 0, seed=0)
