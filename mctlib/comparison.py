@@ -16,7 +16,8 @@ from .distill import DivergenceError, evaluated
 from .notebook import cached_experts, config_key
 from .published import experiment_preset
 from .records import FULL, RecordSpec, convexified_store, record_spec, store_for
-from .runs import RunResult, _compute_run, _finished, _quiet_run_or_load, baselines_or_load, parallel_jobs
+from .runs import RunResult, _compute_run, _finished, _quiet_run_or_load, baselines_or_load
+from .workers import parallel_jobs
 from .stats import area_under_curve, paired, successive_noise
 from .storage import TrajectoryStore
 

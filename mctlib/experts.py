@@ -20,6 +20,7 @@ from .networks import FlatModel, NetConfig, build_network
 from .storage import TrajectoryStore, check_destination, load_store, save_store
 from .training import SGDRecipe, accuracy, derive_seed, train_networks
 from .trajectories import ConvexRecorder, FullBuffer
+from .workers import parallel_jobs
 
 
 def init_seed(cfg: ExpertConfig, index: int) -> int:
@@ -78,19 +79,42 @@ def train_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, device=No
                             "experts_per_minute": 60 * len(indices) / seconds}
 
 
+def _train_ensemble(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, device, ensemble_size: int, precision: str,
+                    indices: range) -> tuple[list, list[int], dict]:
+    """In a worker process: one ensemble of experts (`train_experts` on `indices`)."""
+    with precision_context(precision, device):
+        return train_experts(dataset, net, cfg, device, ensemble_size=ensemble_size, indices=indices)
+
+
 def make_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, out: str | Path, device=None,
                  progress: bool = False, overwrite: bool = False, ensemble_size: int = 8,
-                 precision: str = "fp32") -> TrajectoryStore:
+                 precision: str = "fp32", workers: int = 1) -> TrajectoryStore:
     """Train experts at `precision` (see device.precision_context) and write their store to `out`
-    (refuses to overwrite an existing store); the manifest records the device name and precision."""
+    (refuses to overwrite an existing store); the manifest records the device name and precision.
+
+    `workers` > 1: the ensembles (`ensemble_size` experts each) are trained in that many single-threaded
+    processes at once (`workers.parallel_jobs`), with the same files as one process with the same
+    ensemble size; on a CPU give an ensemble size that leaves each worker an ensemble."""
     out = Path(out)
     if (out / "manifest.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a trajectory store; choose another --out, or load it with load_store")
     check_destination(out)  # before training: a folder that cannot be written would lose it all
     device = resolve_device(device)
-    with precision_context(precision, device):
-        records, seeds, stats = train_experts(dataset, net, cfg, device, ensemble_size=ensemble_size,
-                                              progress=progress)
+    chunks = [range(first, min(first + ensemble_size, cfg.num_experts))
+              for first in range(0, cfg.num_experts, ensemble_size)]
+    if workers > 1 and len(chunks) > 1:
+        start = time.perf_counter()
+        parts = parallel_jobs(_train_ensemble, [(dataset, net, cfg, device, ensemble_size, precision, c)
+                                                for c in chunks], workers, progress, desc="expert ensembles")
+        seconds = time.perf_counter() - start
+        records = [r for part in parts for r in part[0]]
+        seeds = [s for part in parts for s in part[1]]
+        stats = {"test_accuracy": [a for part in parts for a in part[2]["test_accuracy"]], "seconds": seconds,
+                 "ensemble_size": ensemble_size, "experts_per_minute": 60 * cfg.num_experts / seconds}
+    else:
+        with precision_context(precision, device):
+            records, seeds, stats = train_experts(dataset, net, cfg, device, ensemble_size=ensemble_size,
+                                                  progress=progress)
     save_store(out, records, net, dataset.describe(), cfg.to_dict(), seeds, store_theta0=cfg.store_theta0,
                extra={"stats": stats, "compute": compute_identity(device, precision),
                       "beta_schedule": cfg.beta_schedule if cfg.record == "convex" else None,

@@ -122,15 +122,20 @@ def dataset_identity(desc: dict) -> dict:
     return json.loads(json.dumps(desc), parse_float=lambda x: round(float(x), 6))
 
 
-def cached_experts(dataset, net, expert_cfg, root: str | Path = "runs", device=None, progress: bool = False):
+def cached_experts(dataset, net, expert_cfg, root: str | Path = "runs", device=None, progress: bool = False,
+                   workers: int = 1):
     """The expert store for this (dataset, network, recipe): loaded from `root` if a chapter already
-    trained it, trained and saved otherwise (into a temporary folder renamed into place)."""
+    trained it, trained and saved otherwise (into a temporary folder renamed into place). With `workers`
+    > 1 the experts train in that many processes at once, in ensembles of ceil(experts / workers): the
+    ensemble size is part of the store's name, since it is part of how the bits came about."""
     from .experts import make_experts
     from .storage import load_store
 
     root = Path(root)
     desc = dataset.describe()
-    key = config_key(dataset_identity(desc), net.to_dict(), expert_cfg.to_dict())
+    ensemble_size = -(-expert_cfg.num_experts // workers) if workers > 1 else 8
+    key = config_key(dataset_identity(desc), net.to_dict(), expert_cfg.to_dict(),
+                     *(() if ensemble_size == 8 else (ensemble_size,)))
     path = root / f"experts-{desc['name']}-{expert_cfg.record}-{key}"
     if (path / "manifest.json").exists():
         return load_store(path, net=net, dataset=desc)
@@ -139,7 +144,8 @@ def cached_experts(dataset, net, expert_cfg, root: str | Path = "runs", device=N
     # The folder names its host and process, so a later call can tell one a kill abandoned.
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".experts-{socket.gethostname()}-{os.getpid()}-"))
     try:
-        make_experts(dataset, net, expert_cfg, tmp, device=device, progress=progress, overwrite=True)
+        make_experts(dataset, net, expert_cfg, tmp, device=device, progress=progress, overwrite=True,
+                     ensemble_size=ensemble_size, workers=workers)
         try:
             os.replace(tmp, path)
         except OSError:  # another process finished first: keep theirs

@@ -8,25 +8,20 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from . import available_cores
 from .config import DistillConfig, EvalConfig
 from .data import Dataset
-from .device import configure_threads, resolve_device
 from .distill import (CHECKPOINT, LEGACY_COMPUTE, AlphaNonPositiveWarning, DistillResult, DivergenceError, distill,
                       initial_synthetic, load_synthetic, run_config)
 from .evaluate import EvalResult, evaluate_synthetic, full_data_baseline, random_real_baseline
 from .networks import NetConfig
 from .notebook import config_key
 from .storage import TrajectoryStore, atomic_write_json, load_store
+from .workers import parallel_jobs
 
 # Fields that may differ between a run directory and the request without changing what is computed.
 _IGNORED = {"checkpoint_every"}
@@ -122,19 +117,6 @@ def _load_run(name: str, run_dir: Path) -> RunResult:
                      name=name, status="loaded")
 
 
-def default_workers(device=None) -> int:
-    """How many independent runs to compute at once: one per CPU core (each process single-threaded) on a
-    CPU, one on a GPU. On this book's 2-core reference machine one MTT iteration takes 2.8 s on one thread
-    and 2.05 s on two (book/performance.md), so two single-thread runs side by side do 1.4x the work of
-    one run on both cores. Each run is computed on one thread either way, so its result does not depend
-    on the number of workers."""
-    return 1 if resolve_device(device).type != "cpu" else max(1, available_cores())
-
-
-def _worker_init() -> None:
-    configure_threads(1)
-
-
 @lru_cache(maxsize=8)
 def _worker_store(path: str) -> TrajectoryStore:
     return load_store(path)
@@ -153,34 +135,6 @@ def _compute_run(name: str, cfg: DistillConfig, store_path: str, dataset: Datase
 def _compute_baseline(kind: str, dataset: Dataset, net: NetConfig, cfg: EvalConfig, runs_dir: str, ipc, lr: float,
                       device, init: DistillConfig | None = None) -> None:
     baseline_or_load(kind, dataset, net, cfg, runs_dir, ipc=ipc, lr=lr, device=device, init=init)
-
-
-def parallel_jobs(fn, jobs: list[tuple], workers: int, progress: bool = False, desc: str = "runs") -> list:
-    """fn(*job) for every job, in `workers` spawned single-threaded processes (in this process when there
-    is one worker or one job). Results come back in job order; an exception in a job is raised here."""
-    if not jobs:
-        return []
-    bar = None
-    if progress:
-        bar = tqdm(total=len(jobs), desc=desc, leave=False)
-    if workers <= 1 or len(jobs) == 1:
-        out = []
-        for job in jobs:
-            out.append(fn(*job))
-            if bar is not None:
-                bar.update(1)
-    else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_worker_init,
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
-            out = [None] * len(jobs)
-            for future in as_completed(futures):
-                out[futures[future]] = future.result()
-                if bar is not None:
-                    bar.update(1)
-    if bar is not None:
-        bar.close()
-    return out
 
 
 def _quiet_run_or_load(*args) -> RunResult:
