@@ -1,43 +1,34 @@
-"""What every section shares: the sizes, statistics, the machine's description, timing and memory helpers,
-the seeded inputs the sections compare settings on, and the measured matmul rate."""
+"""What every section shares: the sizes, the machine's description, the memory probe, the seeded
+inputs the sections compare settings on, and the ConvNet with torch's own pooling (the "before" of
+`networks.AvgPool2x2`). Statistics, the matmul rate and the match timers are the acceptance check's
+(`mctlib.check.timings`), so the bench and the check time the same way."""
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import dataclasses
+import gc
 import os
 import platform
-import statistics
-import time
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .. import available_cores
-
+from mctlib import available_cores
+from mctlib.config import get_preset
+from mctlib.device import versions
+from mctlib.matching import plan_student
+from mctlib.networks import AvgPool2x2, FlatModel, NetConfig, build_network
 
 MODES = ("unrolled", "checkpointed", "constant_memory")
-
-
-METHODS = ("mtt", "mct")
-
-
 FORMAT = "mctlib-bench-v1"
-
-
 DEFAULT_OUT = "runs/bench/bench.json"
-
-
 # The reported figure for the original MTT code, digits bench config, this machine kind
 # (median of 200 iterations, 2 cores); not measured here (no network access to fetch that code).
 ORIGINAL_MTT_SECONDS = 2.5
-
-
 TARGET_MTT_UNROLLED_SECONDS = 1.65
-
-
-_RESULT_TAG = "MCTLIB-BENCH-RESULT "
 
 
 @dataclass(frozen=True)
@@ -56,7 +47,6 @@ class Sizes:
     eval_epochs: int = 50
     eval_repeats: int = 3
     thread_iterations: int = 6
-    thread_budget_s: float = 240.0
     gpu_iterations: int = 10
     experts_vmap: bool = True
     thread_settings: int = 4          # how many of section_threads' settings to run (quick: the 1-thread ones)
@@ -66,29 +56,14 @@ class Sizes:
 
 
 FULL = Sizes()
-
-
 QUICK = Sizes(num_experts=2, expert_epochs_trained=3, width=16, syn_steps=2, iterations=2, warmup=1,
               memory_steps=(1, 2), memory_iterations=1, eval_nets=2, eval_epochs=2, eval_repeats=1,
-              thread_iterations=1, thread_budget_s=60.0, gpu_iterations=2, experts_vmap=False,
-              thread_settings=2, thread_contention=False, reference_iterations=1,
-              reference_gpu_ipcs=(1,))
-
-
-def stats(values: list[float]) -> dict:
-    """Median, quartiles (inclusive method), IQR, min, max and n of `values`."""
-    vals = sorted(float(v) for v in values)
-    if not vals:
-        return {"n": 0}
-    q1, q3 = (statistics.quantiles(vals, n=4, method="inclusive")[i] for i in (0, 2)) if len(vals) > 1 else (vals[0],) * 2
-    return {"n": len(vals), "median": statistics.median(vals), "q1": q1, "q3": q3, "iqr": q3 - q1,
-            "min": vals[0], "max": vals[-1], "values": [round(v, 5) for v in values]}
+              thread_iterations=1, gpu_iterations=2, experts_vmap=False, thread_settings=2,
+              thread_contention=False, reference_iterations=1, reference_gpu_ipcs=(1,))
 
 
 def machine() -> dict:
     """CPU model and cores, GPU, load and library versions: printed next to every figure."""
-    from ..device import versions
-
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -130,68 +105,45 @@ def _peak_rss_bytes() -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _sync(device: torch.device) -> None:
+def memory_probe(device: torch.device):
+    """Start a peak-memory measurement; call the returned function at the end for the rise in MB
+    (CUDA: max_memory_allocated; CPU: the process's peak resident set, reset now, over its resident set now)."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        return lambda: {"peak_mb": (torch.cuda.max_memory_allocated(device) - base) / 2**20,
+                        "memory_kind": "cuda max_memory_allocated"}
+    reset = _reset_peak_rss()
+    base = _rss_bytes() or 0
+    return lambda: {"peak_mb": (_peak_rss_bytes() - base) / 2**20,
+                    "memory_kind": "peak RSS rise (VmHWM reset)" if reset else "ru_maxrss rise"}
 
 
-def _cpu_seconds() -> float:
-    return time.process_time()
-
-
-def _then(augment, after):
-    return lambda x, seed: after(augment(x, seed))
-
-
-def _count_flops(student, images, labels, alpha, theta_start, theta_target, plan, mode, precision, device) -> int:
-    """Floating-point operations of one match() (convolutions and matmuls, forward and backward)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ..device import autocast
-    from ..matching import match
-
-    counter = FlopCounterMode(display=False)
-    with counter, autocast(precision, device):
-        match(student, images.clone().requires_grad_(True), labels, alpha.clone().requires_grad_(True),
-              theta_start, theta_target, plan, mode)
-    return int(counter.get_total_flops())
-
-
-def _digits_net(sizes: Sizes):
+def digits_net(sizes: Sizes) -> NetConfig:
     """The digits preset's ConvNet (width 64, depth 3, 16x16) at the bench's width."""
-    import dataclasses
-
-    from ..config import get_preset
-
     return dataclasses.replace(get_preset("mtt-digits-ipc10").net, width=sizes.width)
 
 
-@contextlib.contextmanager
-def _torch_avg_pool():
-    """The library before `networks.AvgPool2x2`: torch's `F.avg_pool2d` on every device (the
-    "before" rows of that change)."""
-    from ..networks import AvgPool2x2
-
-    before = AvgPool2x2.forward
-    AvgPool2x2.forward = lambda self, x: torch.nn.functional.avg_pool2d(x, 2, 2)
-    try:
-        yield
-    finally:
-        AvgPool2x2.forward = before
+def torch_pooled(model: FlatModel) -> FlatModel:
+    """The same network with torch's `nn.AvgPool2d` where the library has `networks.AvgPool2x2`: the
+    library before that change (the "before" rows)."""
+    module = copy.deepcopy(model.module)
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, AvgPool2x2):
+                setattr(parent, name, torch.nn.AvgPool2d(2, 2))
+    return FlatModel(module)
 
 
-def _digits_match_inputs(sizes: Sizes):
+def digits_match_inputs(sizes: Sizes):
     """One unrolled match's inputs at the digits bench shapes: (model, images, labels, theta_start,
     theta_target, plan), random but seeded, the same for every section that compares settings."""
-    from ..matching import plan_student
-    from ..networks import FlatModel, build_network
-
-    net = _digits_net(sizes)
+    net = digits_net(sizes)
     model = FlatModel(build_network(net, seed=0))
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(100, net.channels, net.image_size, net.image_size, generator=gen)
@@ -200,58 +152,3 @@ def _digits_match_inputs(sizes: Sizes):
     theta_target = theta_start + 0.01 * torch.randn(theta_start.shape, generator=gen)
     plan = plan_student(100, sizes.syn_steps, None, gen)
     return model, images, labels, theta_start, theta_target, plan
-
-
-# The published CIFAR-10 presets the GPU rows use, one row per distinct student shape: MTT and MCT
-# share (ipc, syn_steps, batch_syn) at IPC 10 and 50, and a match on random inputs does not depend on
-# the method, so such a shape is timed once and labelled with both.
-def _cifar_configs() -> list[tuple[str, int, int, int | None]]:
-    """(methods joined by "+", ipc, syn_steps, batch_syn) for each distinct CIFAR-10 preset shape."""
-    from ..config import get_preset
-
-    shapes: dict[tuple, list[str]] = {}
-    for method in METHODS:
-        for ipc in (1, 10, 50):
-            d = get_preset(f"{method}-cifar10-ipc{ipc}").distill
-            shapes.setdefault((ipc, d.syn_steps, d.batch_syn), []).append(method)
-    return [("+".join(methods), ipc, steps, batch) for (ipc, steps, batch), methods in shapes.items()]
-
-
-def matmul_rate(device: str, n: int = 8192, repeats: int = 10, kinds=("fp32", "tf32", "bf16")) -> dict:
-    """Measured dense matmul TFLOP/s on `device` in fp32 (TF32 off and on) and bf16 (`kinds`: which of them;
-    a CPU without bf16 matmul units takes minutes for the bf16 row, so ask only for what is used)."""
-    dev = torch.device(device)
-    out = {}
-    for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
-                              ("bf16", torch.bfloat16, False)):
-        if name not in kinds:
-            continue
-        before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            a = torch.randn(n, n, device=dev, dtype=dtype)
-            b = torch.randn(n, n, device=dev, dtype=dtype)
-            a @ b
-            _sync(dev)
-            times = []
-            for _ in range(repeats):
-                w = time.perf_counter()
-                a @ b
-                _sync(dev)
-                times.append(time.perf_counter() - w)
-            out[name] = 2 * n**3 / statistics.median(times) / 1e12
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = before
-    return out
-
-
-def _replace_sizes(sizes: Sizes, **changes) -> Sizes:
-    import dataclasses
-
-    return dataclasses.replace(sizes, **changes)
-
-
-def _sizes_dict(sizes: Sizes) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(sizes)
