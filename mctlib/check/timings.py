@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..augment import make_augment
 from ..config import get_preset
 from ..cost import estimate_cost
-from ..device import channels_last, precision_context
+from ..device import channels_last, precision_context, resolve_device
 from ..matching import Student, match, plan_student
 from ..networks import FlatModel, NetConfig, build_network
 from . import reference
@@ -203,6 +203,7 @@ def gpu_rows(precision: str = "fp32", iterations: int = 5, reference_ipcs: tuple
         return {"status": "no CUDA device", "rows": [{"method": m, "ipc": ipc, "syn_steps": s, "mode": mode,
                                                        "status": "no CUDA device"}
                                                       for m, ipc, s, _ in shapes for mode in MODES]}
+    resolve_device("cuda")  # deterministic kernels and TF32 off, as every CUDA run of the engine has them
     matmul = matmul_rate("cuda")
     rows = []
     for method, ipc, steps, batch_syn in shapes:
