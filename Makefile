@@ -47,8 +47,11 @@ strict-book: $(STAMP) data
 test: strict-book notebooks unit
 	$(PY) -m pytest tests/browser -q -rs
 
+# The developer benchmarks (benchmarks/, not part of the installed package): prints the tables, writes
+# runs/bench/bench.json and the book's figures. BENCH_ARGS=--quick for a smoke test of about a minute.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) -m mctlib bench
+	$(PY) -m benchmarks --figures runs/bench/figures --markdown runs/bench/bench.md $(BENCH_ARGS)
 
 # The acceptance check on a GPU: every gradient mode against CPU float64, determinism,
 # resume, no host sync, then the CIFAR-10-shape timings; prints a table, writes JSON, fails on a failed

@@ -1,4 +1,4 @@
-"""Command line: `python -m mctlib {experts,convexify,distill,evaluate,bench} ...`.
+"""Command line: `python -m mctlib {experts,convexify,distill,evaluate,check} ...`.
 
 Every config field has a flag, generated from the dataclasses in `config.py`; the command's own
 config is unprefixed (`--syn-steps`), the others carry a prefix (`--net-width`, `--eval-epochs`,
@@ -184,9 +184,6 @@ def make_parser() -> argparse.ArgumentParser:
     for s in ("eval", "data", "net"):
         _add_section(p, s, s == "eval")
 
-    p = sub.add_parser("bench", help="benchmark the engine; prints a table and writes JSON", add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-
     p = sub.add_parser("check", help="check the engine on a device against CPU float64, and time it", add_help=False)
     p.add_argument("check_args", nargs=argparse.REMAINDER)
 
@@ -196,12 +193,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # the benchmark has its own parser: hand it everything after the command
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
-    if argv[:1] == ["check"]:  # so has the acceptance check
-        from .bench.check import main as check_main
+    if argv[:1] == ["check"]:  # the acceptance check has its own parser: hand it everything after the command
+        from .check import main as check_main
 
         return check_main(argv[1:])
     parser = make_parser()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .augment import make_augment
 from .config import ExpertConfig
@@ -29,11 +30,12 @@ def init_seed(cfg: ExpertConfig, index: int) -> int:
 
 
 def train_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, device=None, ensemble_size: int = 8,
-                  progress: bool = False, indices: range | None = None) -> tuple[list, list[int], dict]:
+                  progress: bool = False, indices: range | None = None,
+                  use_vmap: bool | None = None) -> tuple[list, list[int], dict]:
     """Train cfg.num_experts experts; returns (records, init seeds, stats with test accuracies and seconds).
 
     `indices`: only these experts (default all), in ensembles from indices.start; a distributed run
-    trains its share this way (distributed.make_experts)."""
+    trains its share this way (distributed.make_experts). `use_vmap`: see `training.train_networks`."""
     if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
         raise ValueError(f"ensemble_size = {ensemble_size!r} must be an integer >= 1")
     indices = range(cfg.num_experts) if indices is None else indices
@@ -65,8 +67,10 @@ def train_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, device=No
                     rec.update(epoch, p[m])
 
         final = train_networks(model, params, images, labels, recipe, [derive_seed(cfg.seed, i, 1) for i in members],
-                               augment, on_epoch=on_epoch, progress=(lambda e: bar.update(len(members))) if bar else None)
-        accs += accuracy(model, final, dataset.test_images.to(device), dataset.test_labels.to(device)).tolist()
+                               augment, on_epoch=on_epoch, progress=(lambda e: bar.update(len(members))) if bar else None,
+                               use_vmap=use_vmap)
+        accs += accuracy(model, final, dataset.test_images.to(device), dataset.test_labels.to(device),
+                         use_vmap=use_vmap).tolist()
         if cfg.record == "full":
             records += [FullBuffer(torch.stack(buf)) for buf in buffers]
         else:
@@ -125,6 +129,4 @@ def make_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, out: str |
 def _bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="epoch", leave=False)

@@ -126,7 +126,7 @@ class AvgPool2x2(nn.Module):
     a contiguous copy and its double backward (the matching loss differentiates through the
     student's gradients) is as cheap. In a microbenchmark on the bench CPU (one thread, batch 100 ×
     64 channels, forward + backward) it took 3.1 against 6.7 ms at 16×16 and 0.8 against 1.7 ms at
-    8×8; `python -m mctlib bench --sections eval,pool` measures what that does to training and
+    8×8; `python -m benchmarks --sections eval,pool` measures what that does to training and
     matching (book/performance.md). It differs from `F.avg_pool2d` in rounding only, except that an
     infinite activation turns its whole output row into NaN (0 · inf) where torch keeps one
     infinite window; training stops on non-finite values either way. Elsewhere (CUDA, where a

@@ -3,35 +3,16 @@ none of them computes anything the library does not already provide."""
 
 from __future__ import annotations
 
-import matplotlib
+import statistics
 
-
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 
 def new_figure(ncols: int = 1, width: float = 4.2, height: float = 3.2, **kwargs):
     """A figure with `ncols` axes in the book's style."""
     fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), constrained_layout=True, **kwargs)
     return fig, axes
-
-
-def image_grid(images: torch.Tensor, nrow: int, title: str | None = None, labels: list[str] | None = None):
-    """A grid of display-ready images in [0, 1], shape (N, C, H, W)."""
-    images = images.detach().cpu().clamp(0, 1)
-    n = images.shape[0]
-    ncol = (n + nrow - 1) // nrow
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.1 * ncol, 1.1 * nrow + (0.3 if title else 0)), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            img = images[i].permute(1, 2, 0).squeeze(-1).numpy()
-            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
-            if labels is not None:
-                ax.set_title(labels[i], fontsize=7)
-    if title:
-        fig.suptitle(title)
-    return fig
 
 
 # --- chapter 1: the objective transformation ---------------------------------------------------
@@ -378,38 +359,11 @@ def convergence(curves: dict, window: int = 10):
     return fig
 
 
-def accuracy_overview(table: list[dict], full_data: float | None = None):
-    """Best and final accuracy (mean +- std over seeds) of each method at each IPC, next to the
-    random-real baseline; the full-data accuracy as a dashed line. `table` rows: ipc, label,
-    random_real, best_mean, best_std, final_mean, final_std (fractions)."""
-    ipcs = sorted({r["ipc"] for r in table})
-    fig, axes = new_figure(len(ipcs), width=3.6, squeeze=False)
-    for ax, ipc in zip(axes[0], ipcs):
-        rows = [r for r in table if r["ipc"] == ipc]
-        names, values, errors, colors = ["random real"], [100 * rows[0]["random_real"]], [0.0], ["0.6"]
-        for r in rows:
-            for kind, alpha in (("best", 1.0), ("final", 0.55)):
-                names.append(f"{r['label']}\n{kind}")
-                values.append(100 * r[f"{kind}_mean"])
-                errors.append(100 * r[f"{kind}_std"])
-                colors.append(matplotlib.colors.to_rgba(METHOD_COLORS.get(r["label"], "C2"), alpha))
-        ax.bar(range(len(names)), values, yerr=errors, color=colors, capsize=3)
-        ax.set_xticks(range(len(names)), names, fontsize=7)
-        if full_data is not None:
-            ax.axhline(100 * full_data, color="k", ls="--", lw=1, label="full data")
-            ax.legend(fontsize=7, loc="lower right")
-        low = min(values) - 10
-        ax.set(ylim=(max(0, low), 100), title=f"IPC {ipc}", ylabel="test accuracy (%)")
-    return fig
-
-
 def per_seed_accuracy(panels: dict, full_data: float | None = None):
     """One panel per IPC: every random real subset and every seed's final accuracy of each method as a
     dot, the mean +- sample std as a bar beside them, and a grey line joining the two methods' runs of
     the same seed (what the paired difference compares). `panels[ipc]` = {"random real": [acc, ...],
     label: {seed: acc, ...}, ...} (fractions); the full-data accuracy as a dashed line."""
-    import statistics
-
     fig, axes = new_figure(len(panels), width=3.6, squeeze=False)
     for ax, (ipc, groups) in zip(axes[0], panels.items()):
         names = list(groups)
@@ -432,21 +386,6 @@ def per_seed_accuracy(panels: dict, full_data: float | None = None):
             ax.legend(fontsize=7, loc="lower right")
         ax.set_xticks(range(len(names)), names, fontsize=8)
         ax.set(xlim=(-0.5, len(names) - 0.5), title=f"IPC {ipc}", ylabel="test accuracy (%)")
-    return fig
-
-
-def seed_spread(rows_by_label: dict):
-    """Each seed's best and final accuracy, per method: the spread across seeds is the stability."""
-    fig, axes = new_figure(2, width=3.4, sharey=True)
-    for k, (ax, kind) in enumerate(zip(axes, ("best_acc", "final_acc"))):
-        for i, (label, rows) in enumerate(rows_by_label.items()):
-            values = [100 * r[kind] for r in rows]
-            ax.scatter([i] * len(values), values, color=METHOD_COLORS.get(label, "C2"), zorder=3)
-            for r, v in zip(rows, values):
-                ax.annotate(f"seed {r['seed']}", (i, v), xytext=(6, 0), textcoords="offset points", fontsize=6)
-        ax.set_xticks(range(len(rows_by_label)), list(rows_by_label))
-        ax.set(xlim=(-0.5, len(rows_by_label) - 0.3), title="(a) best over evaluations" if k == 0 else "(b) final")
-    axes[0].set_ylabel("test accuracy (%)")
     return fig
 
 
@@ -500,111 +439,4 @@ def ablation_panels(ablations: dict):
                 ax.set_ylabel(ylabel)
             if i == 0:
                 ax.set_title(name.replace("_", " "))
-    return fig
-
-
-# --- performance -------------------------------------------------------------------------------
-
-_MODE_STYLE = {"unrolled": ("C3", "o"), "checkpointed": ("C0", "s"), "constant_memory": ("C2", "^")}
-
-
-def bench_memory_vs_syn_steps(result: dict):
-    """Peak memory against syn_steps per gradient mode, from a `mctlib bench` result (its "memory")."""
-    mem = result["memory"]
-    fig, (ax_m, ax_t) = new_figure(2)
-    for mode, (color, marker) in _MODE_STYLE.items():
-        rows = sorted((r for r in mem["rows"] if r["mode"] == mode and "peak_mb" in r), key=lambda r: r["syn_steps"])
-        if not rows:
-            continue
-        steps = [r["syn_steps"] for r in rows]
-        ax_m.plot(steps, [r["peak_mb"] for r in rows], marker=marker, color=color, label=mode.replace("_", " "))
-        sec = [(r.get("iteration_seconds") or r["match_seconds"])["median"] for r in rows]
-        ax_t.plot(steps, sec, marker=marker, color=color, label=mode.replace("_", " "))
-    for ax, label in ((ax_m, "peak memory rise (MB)"), (ax_t, "seconds per iteration")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(mem["syn_steps"], [str(s) for s in mem["syn_steps"]])
-        ax.set_xlabel("syn_steps N")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3, which="both")
-    ax_m.legend(fontsize=8)
-    ax_m.set_title("peak memory rise per run")
-    ax_t.set_title("seconds per iteration (median)")
-    return fig
-
-
-def bench_seconds_per_iteration(result: dict):
-    """Seconds per distillation iteration (median, IQR bars) and peak memory per method x mode."""
-    rows = [r for r in result["distill"]["rows"] if "match_seconds" in r]
-    fig, (ax_t, ax_m) = new_figure(2, width=4.8)
-    short = {"unrolled": "unrolled", "checkpointed": "checkpt.", "constant_memory": "const. mem."}
-    labels = [f"{r['method']}\n{short[r['mode']]}" for r in rows]
-    x = list(range(len(rows)))
-    colors = [_MODE_STYLE[r["mode"]][0] for r in rows]
-    sec = [r.get("iteration_seconds") or r["match_seconds"] for r in rows]
-    med = [s["median"] for s in sec]
-    err = [[s["median"] - s["q1"] for s in sec], [s["q3"] - s["median"] for s in sec]]
-    ax_t.bar(x, med, yerr=err, color=colors, capsize=3, alpha=0.85, label="wall (median, IQR)")
-    ax_t.plot(x, [r["match_cpu_seconds"]["median"] for r in rows], "k_", markersize=16, mew=2,
-              label="CPU seconds (median)")
-    ref = result["distill"].get("reference", {})
-    if ref.get("target_mtt_unrolled_seconds"):
-        ax_t.axhline(ref["target_mtt_unrolled_seconds"], color="k", ls="--", lw=0.8, label="target, MTT unrolled")
-    if ref.get("original_mtt_seconds"):
-        ax_t.axhline(ref["original_mtt_seconds"], color="0.5", ls=":", lw=0.8, label="original MTT (given)")
-    ax_t.set_ylabel("seconds per iteration")
-    ax_t.legend(fontsize=7)
-    ax_m.bar(x, [r["peak_mb"] for r in rows], color=colors, alpha=0.85)
-    for i, r in enumerate(rows):
-        ax_m.annotate(f"{r['peak_mb']:.0f}", (i, r["peak_mb"]), ha="center", va="bottom", fontsize=7)
-    ax_m.set_ylabel("peak memory rise (MB)")
-    ax_m.set_yscale("log")
-    for ax in (ax_t, ax_m):
-        ax.set_xticks(x, labels, fontsize=7)
-        ax.grid(alpha=0.3, axis="y")
-    return fig
-
-
-def bench_before_after(result: dict):
-    """Each speed change: its figure with the change off (before) and on (after), one panel each."""
-    changes = result["changes"]
-    fig, axes = new_figure(len(changes), width=2.9, height=3.0, squeeze=False)
-    for ax, c in zip(axes[0], changes):
-        ax.bar([0, 1], [c["before"], c["after"]], color=["0.6", "C0"], alpha=0.9, label="wall")
-        ax.plot([0, 1], [c["before_cpu"], c["after_cpu"]], "k_", markersize=20, mew=2, label="CPU seconds")
-        for i, v in enumerate((c["before"], c["after"])):
-            ax.annotate(f"{v:.2f}", (i, v), ha="center", va="bottom", fontsize=7)
-        ax.set_xticks([0, 1], ["before", "after"])
-        ax.set_title(c["change"].split(" (")[0], fontsize=8)
-        ax.set_ylabel(c["figure"], fontsize=7)
-        ax.grid(alpha=0.3, axis="y")
-    axes[0][0].legend(fontsize=7)
-    return fig
-
-
-def bench_threads(result: dict):
-    """Seconds per MTT-unrolled iteration per thread setting, on the machine as found and contended."""
-    rows = [r for r in result["threads"]["rows"] if "match_seconds" in r]
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    conditions = list(dict.fromkeys(r.get("condition", "as found") for r in rows))
-    fig, ax = new_figure(1, width=6.4, height=3.3)
-    width = 0.8 / len(conditions)
-    for j, (cond, color) in enumerate(zip(conditions, ("C0", "C1", "C2"))):
-        for i, label in enumerate(labels):
-            row = next((r for r in rows if r["label"] == label and r.get("condition", "as found") == cond), None)
-            if row is None:
-                continue
-            s = row["match_seconds"]
-            x = i + (j - (len(conditions) - 1) / 2) * width
-            ax.bar(x, s["median"], width=width * 0.95, color=color, alpha=0.85,
-                   yerr=[[s["median"] - s["q1"]], [s["q3"] - s["median"]]], capsize=2,
-                   label=cond if i == 0 or not ax.get_legend_handles_labels()[1].count(cond) else None)
-            ax.annotate(f"{s['median']:.2f}", (x, s["q3"]), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(labels)), [lab.replace(", ", ",\n") for lab in labels], fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylim(bottom=min(r["match_seconds"]["q1"] for r in rows) / 4)
-    ax.set_ylabel("seconds per iteration (median, IQR)")
-    handles, names = ax.get_legend_handles_labels()
-    ax.legend(dict(zip(names, handles)).values(), dict(zip(names, handles)).keys(), fontsize=7)
-    ax.grid(alpha=0.3, axis="y", which="both")
     return fig

@@ -42,26 +42,31 @@ class SGDRecipe:
     decay: float = 0.1
 
 
-# Device types on which the ensemble forward is vmap-ed. Not on CPU: there vmap turns each
+# Device types on which the ensemble forward is vmap-ed by default. Not on CPU: there vmap turns each
 # convolution into a grouped one and the norm's affine into broadcast ops, measured 0.6-0.8x the
-# speed of M separate calls (`python -m mctlib bench`, book/performance.md); a loop matches them.
+# speed of M separate calls (`make bench`, book/performance.md); a loop matches them.
 VMAP_DEVICES = ("cuda",)
 
 
-def _forward(model: FlatModel, params: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Logits of M networks on their own (M, B, ...) batches."""
-    if params.shape[0] > 1 and model.supports_vmap and params.device.type in VMAP_DEVICES:
+def _forward(model: FlatModel, params: torch.Tensor, images: torch.Tensor, use_vmap: bool | None = None) -> torch.Tensor:
+    """Logits of M networks on their own (M, B, ...) batches; `use_vmap` None: by device (`VMAP_DEVICES`)."""
+    if use_vmap is None:
+        use_vmap = params.device.type in VMAP_DEVICES
+    if params.shape[0] > 1 and model.supports_vmap and use_vmap:
         return vmap(model, in_dims=(0, 0))(params, images)
     return torch.stack([model(p, x) for p, x in zip(params, images)])
 
 
 def train_networks(model: FlatModel, params: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
                    recipe: SGDRecipe, seeds: list[int], augment: Augment | None = None,
-                   on_epoch: EpochHook | None = None, progress: Callable | None = None) -> torch.Tensor:
+                   on_epoch: EpochHook | None = None, progress: Callable | None = None,
+                   use_vmap: bool | None = None) -> torch.Tensor:
     """Train M networks (rows of `params`, shape (M, D)) on (images, labels); returns the final (M, D).
 
     `seeds[m]` fixes network m's shuffling and augmentation. `on_epoch(e, params)` is called with
     e = 0 (the initialisation) and after each epoch e = 1..E; the tensor it gets is read-only.
+    `use_vmap`: the ensemble's forward as one vmap call (True) or a loop (False); None chooses by
+    device (`VMAP_DEVICES`). Both compute the same networks (up to rounding).
     """
     if params.dim() != 2 or params.shape[0] != len(seeds):
         raise ValueError(f"params must be (M, D) with one seed per row; got {tuple(params.shape)} and {len(seeds)} seeds")
@@ -84,7 +89,7 @@ def train_networks(model: FlatModel, params: torch.Tensor, images: torch.Tensor,
                 x = torch.stack([augment(x[m], int(torch.randint(2**62, (1,), generator=gens[m])))
                                  for m in range(num_nets)])
             params.requires_grad_(True)
-            logits = _forward(model, params, x)
+            logits = _forward(model, params, x, use_vmap)
             # Summing the per-network mean losses gives each row its own network's gradient.
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
             (grad,) = torch.autograd.grad(loss, params)
@@ -109,13 +114,14 @@ def train_networks(model: FlatModel, params: torch.Tensor, images: torch.Tensor,
 
 @torch.no_grad()
 def accuracy(model: FlatModel, params: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 1024) -> torch.Tensor:
-    """Top-1 accuracy of each of the M networks in `params` (M, D) on a labelled set; shape (M,)."""
+             batch_size: int = 1024, use_vmap: bool | None = None) -> torch.Tensor:
+    """Top-1 accuracy of each of the M networks in `params` (M, D) on a labelled set; shape (M,).
+    `use_vmap` as in `train_networks`."""
     correct = torch.zeros(params.shape[0], device=params.device)
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size]
         y = labels[start:start + batch_size]
         xs = x.unsqueeze(0).expand(params.shape[0], *x.shape)
-        logits = _forward(model, params, xs)
+        logits = _forward(model, params, xs, use_vmap)
         correct += (logits.argmax(-1) == y).float().sum(-1)
     return correct / images.shape[0]

@@ -1,7 +1,8 @@
-"""`mctlib bench`: a smoke test of `--quick` (the JSON's structure, numbers positive) and the helpers.
+"""The bench (benchmarks/, `make bench`): a smoke test of `--quick` (the JSON's structure, numbers positive)
+and the helpers.
 
 No speed target lives here: timings on a shared CPU are noise at this size. The figures themselves
-come from a full run (`python -m mctlib bench`) and are discussed in book/performance.md.
+come from a full run (`python -m benchmarks`) and are discussed in book/performance.md.
 """
 
 import json
@@ -9,7 +10,12 @@ import json
 import pytest
 import torch
 
-from mctlib import bench
+from benchmarks.child import child_env
+from benchmarks.cli import main as bench_main
+from benchmarks.common import FORMAT, MODES, QUICK, TARGET_MTT_UNROLLED_SECONDS
+from benchmarks.evaluation import compute_floor
+from benchmarks.memory import memory_checks
+from mctlib.check.timings import METHODS, stats
 from mctlib.device import configure_threads
 
 pytestmark = pytest.mark.slow
@@ -21,7 +27,7 @@ def quick(tmp_path_factory):
     out, md, figures = folder / "bench.json", folder / "bench.md", folder / "figures"
     threads = torch.get_num_threads()
     try:
-        code = bench.main(["--quick", "--out", str(out), "--markdown", str(md), "--figures", str(figures)])
+        code = bench_main(["--quick", "--out", str(out), "--markdown", str(md), "--figures", str(figures)])
     finally:
         torch.set_num_threads(threads)  # the bench configures this process; leave it as it was
     assert code == 0
@@ -34,7 +40,7 @@ def _positive_stats(s):
 
 def test_quick_json_has_every_section(quick):
     result = quick[0]
-    assert result["format"] == bench.FORMAT and result["quick"] is True
+    assert result["format"] == FORMAT and result["quick"] is True
     for key in ("experts", "distill", "memory", "eval", "pool", "reference", "threads", "precision", "gpu", "changes",
                 "machine"):
         assert key in result, key
@@ -45,24 +51,24 @@ def test_quick_json_has_every_section(quick):
 
 def test_distill_rows_cover_methods_and_modes_with_positive_numbers(quick):
     rows = quick[0]["distill"]["rows"]
-    assert {(r["method"], r["mode"]) for r in rows} == {(m, g) for m in bench.METHODS for g in bench.MODES}
+    assert {(r["method"], r["mode"]) for r in rows} == {(m, g) for m in METHODS for g in MODES}
     for r in rows:
         assert "error" not in r, r.get("error")
-        assert r["completed"] and _positive_stats(r["iteration_seconds"]) and _positive_stats(r["match_seconds"])
-        assert r["match_cpu_seconds"]["median"] > 0 and r["peak_mb"] > 0
+        assert _positive_stats(r["iteration_seconds"]) and r["final_loss"] > 0
+        assert r["cpu_seconds_per_iteration"] > 0 and r["peak_mb"] > 0
         assert r["config"]["sampling"] == ("integer" if r["method"] == "mtt" else "continuous")
         assert r["config"]["record"] == ("full" if r["method"] == "mtt" else "convex")
     target = quick[0]["distill"]["target"]
-    assert target["target_s"] == bench.TARGET_MTT_UNROLLED_SECONDS and target["comparable"] is False
+    assert target["target_s"] == TARGET_MTT_UNROLLED_SECONDS and target["comparable"] is False
 
 
 def test_memory_rows_and_checks(quick):
     mem = quick[0]["memory"]
-    assert mem["syn_steps"] == list(bench.QUICK.memory_steps)
-    assert len(mem["rows"]) == len(bench.MODES) * len(mem["syn_steps"])
+    assert mem["syn_steps"] == list(QUICK.memory_steps)
+    assert len(mem["rows"]) == len(MODES) * len(mem["syn_steps"])
     assert all(r["peak_mb"] > 0 for r in mem["rows"])
     checks = mem["checks"]
-    assert set(bench.MODES) <= set(checks) and checks["checkpointed"]["num_params"] > 0
+    assert set(MODES) <= set(checks) and checks["checkpointed"]["num_params"] > 0
 
 
 def test_eval_ensemble_and_sequential_agree(quick):
@@ -99,11 +105,11 @@ def test_compute_floor_counts_the_convnet_flops_by_hand():
     linear = n * 16 * 10 * 2
     # backward: weight gradients of every layer, input gradients of all but the first convolution
     expected = (conv1 + conv2 + pool1 + pool2 + linear) + (conv1 + conv2 + linear) + (conv2 + pool1 + pool2 + linear)
-    f = bench._compute_floor(model, model.flatten()[None], images, labels, SGDRecipe(lr=0.01, epochs=3), [0],
+    f = compute_floor(model, model.flatten()[None], images, labels, SGDRecipe(lr=0.01, epochs=3), [0],
                              None, sequential_seconds=1.0)
     assert f["flops_per_network_step"] == expected and f["flops"] == 3 * expected
     # several minibatches per epoch: the same total arithmetic per epoch, split over the steps
-    f2 = bench._compute_floor(model, model.flatten()[None].repeat(2, 1), images, labels,
+    f2 = compute_floor(model, model.flatten()[None].repeat(2, 1), images, labels,
                               SGDRecipe(lr=0.01, epochs=3, batch_size=5), [0, 1], None, sequential_seconds=1.0)
     assert f2["steps_per_epoch"] == 4 and f2["flops"] == 2 * 3 * expected
     assert f2["flops_per_network_step"] == expected / 4
@@ -123,9 +129,9 @@ def test_gpu_rows_say_when_nothing_was_measured(quick):
     # syn_steps, batch_syn), so those are timed once and labelled "mtt+mct".
     from mctlib.config import get_preset
 
-    shapes = {(ipc, get_preset(f"{m}-cifar10-ipc{ipc}").distill.syn_steps) for m in bench.METHODS for ipc in (1, 10, 50)}
+    shapes = {(ipc, get_preset(f"{m}-cifar10-ipc{ipc}").distill.syn_steps) for m in METHODS for ipc in (1, 10, 50)}
     keys = [(r["ipc"], r["syn_steps"], r["mode"]) for r in gpu["rows"]]
-    assert len(keys) == len(set(keys)) == len(shapes) * len(bench.MODES)
+    assert len(keys) == len(set(keys)) == len(shapes) * len(MODES)
     assert {r["method"] for r in gpu["rows"] if r["ipc"] in (10, 50)} == {"mtt+mct"}
     if not torch.cuda.is_available():
         assert gpu["status"] == "no CUDA device"
@@ -160,7 +166,7 @@ def test_table_markdown_figures_and_replot(quick, tmp_path, capsys):
     names = sorted(p.name for p in figures.glob("*.png"))
     assert names == ["bench_before_after.png", "bench_memory_vs_syn_steps.png", "bench_seconds_per_iteration.png",
                      "bench_threads.png"]
-    assert bench.main(["--replot", str(out), "--figures", str(tmp_path)]) == 0
+    assert bench_main(["--replot", str(out), "--figures", str(tmp_path)]) == 0
     assert "Distillation, digits bench config" in capsys.readouterr().out
     assert len(list(tmp_path.glob("*.png"))) == 4
 
@@ -168,9 +174,9 @@ def test_table_markdown_figures_and_replot(quick, tmp_path, capsys):
 # --- helpers (fast) ------------------------------------------------------------------------------
 
 def test_stats_median_quartiles():
-    s = bench.stats([4.0, 1.0, 3.0, 2.0, 5.0])
+    s = stats([4.0, 1.0, 3.0, 2.0, 5.0])
     assert (s["n"], s["median"], s["q1"], s["q3"], s["iqr"], s["min"], s["max"]) == (5, 3.0, 2.0, 4.0, 2.0, 1.0, 5.0)
-    assert bench.stats([2.0])["iqr"] == 0.0 and bench.stats([]) == {"n": 0}
+    assert stats([2.0])["iqr"] == 0.0 and stats([]) == {"n": 0}
 
 
 def test_memory_checks_flag_flat_and_growing():
@@ -178,25 +184,17 @@ def test_memory_checks_flag_flat_and_growing():
         ("constant_memory", 10, 100.0), ("constant_memory", 80, 105.0),
         ("unrolled", 10, 500.0), ("unrolled", 80, 4000.0),
         ("checkpointed", 10, 120.0), ("checkpointed", 80, 150.0)]]
-    checks = bench.memory_checks(rows, (10, 80), {"full": "/nonexistent"})
+    checks = memory_checks(rows, (10, 80), {"full": "/nonexistent"})
     assert checks["constant_memory"]["flat"] and checks["unrolled"]["grows"]
     assert checks["unrolled"]["ratio"] == pytest.approx(8.0)
 
 
 def test_unknown_section_and_bad_iterations_are_refused(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--sections", "distill,warp"])
+        bench_main(["--sections", "distill,warp"])
     assert "warp" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench.main(["--iterations", "0"])
-
-
-def test_cli_dispatches_to_bench(tmp_path):
-    from mctlib.cli import main as cli_main
-
-    path = tmp_path / "b.json"
-    path.write_text(json.dumps({"format": bench.FORMAT, "changes": []}))
-    assert cli_main(["bench", "--", "--replot", str(path)]) == 0
+        bench_main(["--iterations", "0"])
 
 
 def test_configure_threads_sets_and_validates():
@@ -213,9 +211,9 @@ def test_configure_threads_sets_and_validates():
 
 def test_child_env_sets_and_unsets(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert "OMP_WAIT_POLICY" not in bench._child_env({"env": {"OMP_WAIT_POLICY": None}})
-    assert bench._child_env({"env": {"OMP_WAIT_POLICY": "ACTIVE"}})["OMP_WAIT_POLICY"] == "ACTIVE"
-    assert bench._child_env({})["OMP_WAIT_POLICY"] == "PASSIVE"  # inherited when the spec says nothing
+    assert "OMP_WAIT_POLICY" not in child_env({"env": {"OMP_WAIT_POLICY": None}})
+    assert child_env({"env": {"OMP_WAIT_POLICY": "ACTIVE"}})["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert child_env({})["OMP_WAIT_POLICY"] == "PASSIVE"  # inherited when the spec says nothing
 
 
 def test_reference_rows_pair_the_original_loop_with_the_engine(quick):

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from mctlib.bench import check
+from mctlib import check
+from mctlib.check import checks
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def test_every_cpu_check_passes(cpu_check):
     failed = [f"{c['check']}: {c['detail']}" for c in result["checks"] if not c["passed"]]
     assert not failed and result["passed"] and code == 0
     names = {c["check"] for c in result["checks"]}
-    assert names == {*(f"modes_vs_float64[{m}]" for m in check.MODES), "checkpointed_equals_unrolled",
+    assert names == {*(f"modes_vs_float64[{m}]" for m in checks.MODES), "checkpointed_equals_unrolled",
                      "ensemble_equals_sequential", "precision_vs_fp32[tf32]", "precision_vs_fp32[bf16]",
                      "no_host_sync", "bit_reproducible", "resume_equals_uninterrupted", "deterministic_kernels"}
 
@@ -36,15 +37,15 @@ def test_the_json_records_device_precision_and_timings(cpu_check):
     assert result["versions"]["gpu"] is None
     t = result["timings"]
     impls = {(r["impl"], r["mode"]) for r in t["match"]["rows"]}
-    assert impls == {("engine", m) for m in check.MODES} | {("original loop", "unrolled")}
+    assert impls == {("engine", m) for m in checks.MODES} | {("original loop", "unrolled")}
     assert all(r["seconds"]["median"] > 0 for r in t["match"]["rows"])
     assert t["eval"]["nets"] == 5 and t["eval"]["speedup"] > 0 and t["experts_per_minute"]["value"] > 0
 
 
 def test_a_check_outside_its_tolerance_fails(monkeypatch):
     # The same comparison with a tolerance no float32 run can meet: it must be reported as failed.
-    monkeypatch.setitem(check.TOLERANCES, "fp32", {**check.TOLERANCES["fp32"], "grad_rel": 0.0})
-    results = check.check_modes_vs_float64("cpu", "fp32", check.SIZES)
+    monkeypatch.setitem(checks.TOLERANCES, "fp32", {**checks.TOLERANCES["fp32"], "grad_rel": 0.0})
+    results = checks.check_modes_vs_float64("cpu", "fp32", checks.SIZES)
     assert [r["passed"] for r in results] == [False, False, False]
     assert all(0 < r["grad_rel"] < 1e-4 for r in results)  # float32 rounding, not a wrong gradient
 
@@ -63,3 +64,14 @@ def test_cuda_without_a_gpu_is_a_one_line_error(capsys):
         pytest.skip("a GPU is present")
     assert check.main(["--device", "cuda"]) == 2
     assert "mctlib check: error: device 'cuda' was requested" in capsys.readouterr().err
+
+
+def test_value_reads_are_recorded_with_their_values():
+    # What the CPU form of no_host_sync counts: every read of a tensor's value into Python.
+    t = torch.tensor([1.5, -2.0])
+    with checks.ValueReads() as reads:
+        t[0].item()
+        float(t[1])
+        bool(t[0] > 0)
+        t.sum()  # stays a tensor: no read
+    assert reads.values == [1.5, -2.0, 1.0]

@@ -112,12 +112,12 @@ def test_config_file_and_flags_layer_over_presets(tmp_path):
     assert configs["data"].zca is True
 
 
-def test_bench_receives_its_own_flags(capsys):
-    """`mctlib bench --help` reaches the benchmark's parser (not the top-level one)."""
+def test_check_receives_its_own_flags(capsys):
+    """`mctlib check --help` reaches the acceptance check's parser (not the top-level one)."""
     with pytest.raises(SystemExit) as exit_:
-        main(["bench", "--help"])
+        main(["check", "--help"])
     assert exit_.value.code == 0
-    assert "--quick" in capsys.readouterr().out
+    assert "--no-timings" in capsys.readouterr().out
 
 
 def test_work_commands_configure_threads_first(monkeypatch, tmp_path):

@@ -195,7 +195,7 @@ def test_every_evaluation_network_of_every_architecture_trains_on_exactly_one_ra
 
 
 def test_bench_speedups_are_ratios_of_the_rows():
-    from mctlib.bench.distributed import _speedups, format_rows
+    from benchmarks.distributed import _speedups, format_rows
 
     def row(processes, threads, seconds, peaks):
         return {"processes": processes, "threads_per_process": threads, "syn_steps": 20,

@@ -1,10 +1,10 @@
-"""mctlib.bench.reference, the original MTT loop the bench times the engine against: it must compute what
+"""mctlib.check.reference, the original MTT loop the bench times the engine against: it must compute what
 the engine computes (else the speed comparison compares different work), and its DSA must behave."""
 
 import pytest
 import torch
 
-from mctlib.bench import reference
+from mctlib.check import reference
 from mctlib.matching import Student, match, plan_student
 from mctlib.networks import FlatModel, NetConfig, build_network
 

@@ -1,4 +1,4 @@
-"""Section reference: the original MTT loop (`bench.reference`) against the engine, same shapes, same run."""
+"""Section reference: the original MTT loop (`mctlib.check.reference`) against the engine, same shapes, same run."""
 
 from __future__ import annotations
 
@@ -6,20 +6,20 @@ import dataclasses
 
 import torch
 
-from .. import available_cores
+from mctlib import available_cores
+from mctlib.config import get_preset
+
 from .child import run_child
-from .common import Sizes, TARGET_MTT_UNROLLED_SECONDS, _digits_net
+from .common import TARGET_MTT_UNROLLED_SECONDS, Sizes, digits_net
 
 
 def section_reference(sizes: Sizes, log) -> dict:
-    """The engine's MTT-unrolled match against the original loop (`mctlib.bench.reference`), same shapes,
+    """The engine's MTT-unrolled match against the original loop (`mctlib.check.reference`), same shapes,
     same run, each in a fresh process. CPU: the digits bench config under the original's process
     settings (torch's default threads, busy-waiting, allocator untouched), under ours, and on one
     thread. CUDA: the CIFAR-10 shapes of the published IPC 1 and IPC 50 presets."""
     cuda = torch.cuda.is_available()
     if cuda:
-        from ..config import get_preset
-
         net = {"arch": "convnet", "channels": 3, "num_classes": 10, "image_size": 32, "width": 128}
         shapes = []
         for ipc in sizes.reference_gpu_ipcs:
@@ -27,7 +27,7 @@ def section_reference(sizes: Sizes, log) -> dict:
             shapes.append((f"CIFAR-10 IPC {ipc}", ipc, d.syn_steps, d.batch_syn))
         settings = [("GPU", None, None, None)]
     else:
-        net = dataclasses.asdict(_digits_net(sizes))
+        net = dataclasses.asdict(digits_net(sizes))
         shapes = [("digits bench config", 10, sizes.syn_steps, None)]
         cores = available_cores()
         # (label, threads, allocator tuned, OMP_WAIT_POLICY): threads "default" leaves torch's own

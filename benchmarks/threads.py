@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from .. import available_cores
+from mctlib import available_cores
+
 from .child import run_child
 from .common import Sizes
 
@@ -24,8 +25,7 @@ def section_threads(sizes: Sizes, stores: dict, log) -> dict:
                 continue  # the allocator is not what contention is about
             spec = {"kind": "distill", "method": "mtt", "mode": "unrolled", "syn_steps": sizes.syn_steps,
                     "iterations": sizes.thread_iterations, "warmup": 1, "store": stores["full"], "threads": threads,
-                    "tune_allocator": tuned, "device": "cpu", "budget_s": sizes.thread_budget_s,
-                    "min_iterations": 3, "env": {"OMP_WAIT_POLICY": policy}}
+                    "tune_allocator": tuned, "device": "cpu", "env": {"OMP_WAIT_POLICY": policy}}
             busy = _start_contenders(contenders)
             try:
                 res = run_child(spec)
@@ -33,8 +33,8 @@ def section_threads(sizes: Sizes, stores: dict, log) -> dict:
                 _stop(busy)
             rows.append({"label": label, "condition": condition, "contenders": contenders, "threads": threads,
                          "tune_allocator": tuned, "omp_wait_policy": policy, **res})
-            log(f"threads {label} ({condition}): " + (res.get("error") or f"{res['match_seconds']['median']:.3f} "
-                                                      f"s/it wall, {res['match_cpu_seconds']['median']:.3f} s CPU"))
+            log(f"threads {label} ({condition}): " + (res.get("error") or f"{res['iteration_seconds']['median']:.3f} "
+                                                      f"s/it wall, {res['cpu_seconds_per_iteration']:.3f} s CPU"))
     return {"rows": rows}
 
 

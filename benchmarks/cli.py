@@ -1,8 +1,9 @@
-"""`python -m mctlib bench`: the entry point that runs the chosen sections and reports them."""
+"""`python -m benchmarks` (`make bench`): the entry point that runs the chosen sections and reports them."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -10,27 +11,31 @@ import tempfile
 import time
 from pathlib import Path
 
-from .child import _child
-from .common import DEFAULT_OUT, FORMAT, FULL, QUICK, _RESULT_TAG, _replace_sizes, _sizes_dict, machine
+from mctlib.device import configure_threads
+
+from .child import RESULT_TAG, child
+from .common import DEFAULT_OUT, FORMAT, FULL, QUICK, machine
 from .distill import section_distill
+from .distributed import section_distributed
 from .evaluation import section_eval
 from .experts import section_experts
 from .gpu import section_gpu
 from .memory import section_memory
 from .pool import section_pool
 from .precision import section_precision
-from .report import changes, format_table, write_figures
+from .figures import write_figures
+from .report import changes, format_table
 from .threads import section_threads
 from .versus_reference import section_reference
 
 
 SECTIONS = ("experts", "distill", "memory", "eval", "pool", "reference", "threads", "precision", "gpu")
-# Run only when named: several fresh processes per row (mctlib/bench/distributed.py).
+# Run only when named: several fresh processes per row (benchmarks/distributed.py).
 OPTIONAL_SECTIONS = ("distributed",)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mctlib bench", description="The engine's speed and memory, measured with their spread.",
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description="The engine's speed and memory, measured with their spread.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and single repeats (a smoke test, not figures)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON file to write (default {DEFAULT_OUT})")
@@ -50,12 +55,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:  # `mctlib bench -- --quick`: the separator argparse's REMAINDER keeps
-        argv = argv[1:]
     args = make_parser().parse_args(argv)
     if args.child is not None:
-        result = _child(json.loads(args.child))
-        print(_RESULT_TAG + json.dumps(result), flush=True)
+        result = child(json.loads(args.child))
+        print(RESULT_TAG + json.dumps(result), flush=True)
         return 0
     if args.replot:
         result = json.loads(Path(args.replot).read_text())
@@ -69,14 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         make_parser().error("--iterations must be >= 1")
     sizes = QUICK if args.quick else FULL
     if args.iterations is not None:
-        sizes = _replace_sizes(sizes, iterations=args.iterations)
-
-    from ..device import configure_threads
+        sizes = dataclasses.replace(sizes, iterations=args.iterations)
 
     settings = configure_threads(args.threads)
     started = time.perf_counter()
-    result = {"format": FORMAT, "command": ["python", "-m", "mctlib", "bench", *(argv or [])], "quick": args.quick,
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sizes": _sizes_dict(sizes), "settings": settings,
+    result = {"format": FORMAT, "command": ["python", "-m", "benchmarks", *(argv or [])], "quick": args.quick,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sizes": dataclasses.asdict(sizes), "settings": settings,
               "machine": machine(), "sections": sections}
 
     def log(msg: str) -> None:
@@ -107,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         if "gpu" in sections:
             result["gpu"] = section_gpu(sizes, args.precision, args.channels_last, log)
         if "distributed" in sections:
-            from .distributed import section_distributed
-
             result["distributed"] = section_distributed(log, quick=args.quick)
         if "experts" in result:
             result["experts"]["stores"] = {k: "(temporary)" for k in result["experts"]["stores"]}

@@ -7,21 +7,22 @@ import gc
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from .common import Sizes, _cpu_seconds, _digits_net, _torch_avg_pool, matmul_rate, stats
+from mctlib.augment import make_augment
+from mctlib.check.timings import matmul_rate, stats
+from mctlib.config import get_preset
+from mctlib.data import load_dataset, real_images_per_class
+from mctlib.networks import FlatModel, build_network
+from mctlib.training import SGDRecipe, accuracy, derive_seed, train_networks
+
+from .common import Sizes, digits_net, torch_pooled
 
 
 def section_eval(sizes: Sizes, log) -> dict:
     """num_eval networks trained together (M at once) vs one after another (M = 1 calls)."""
-    from .. import training
-    from ..augment import make_augment
-    from ..config import get_preset
-    from ..data import load_dataset, real_images_per_class
-    from ..networks import FlatModel, build_network
-    from ..training import SGDRecipe, accuracy, derive_seed, train_networks
-
     dataset = load_dataset("digits")
-    net = _digits_net(sizes)
+    net = digits_net(sizes)
     images, labels = real_images_per_class(dataset.train_images, dataset.train_labels, dataset.num_classes, 10,
                                            torch.Generator().manual_seed(0))
     eval_cfg = get_preset("mtt-digits-ipc10").eval
@@ -34,45 +35,35 @@ def section_eval(sizes: Sizes, log) -> dict:
     seeds = [derive_seed(0, 0, i, 1) for i in range(m)]
     augment = make_augment(True)
 
-    def together(vmap_devices):
-        def run():
-            before = training.VMAP_DEVICES
-            training.VMAP_DEVICES = vmap_devices
-            try:
-                return train_networks(model, params, images, labels, recipe, seeds, augment)
-            finally:
-                training.VMAP_DEVICES = before
-        return run
+    before_pool = torch_pooled(model)  # the library before networks.AvgPool2x2
+
+    def together(net_model, use_vmap=None):
+        return lambda: train_networks(net_model, params, images, labels, recipe, seeds, augment, use_vmap=use_vmap)
 
     def sequential():
         return torch.cat([train_networks(model, params[i:i + 1], images, labels, recipe, [seeds[i]], augment)
                           for i in range(m)])
 
-    def with_torch_pool(fn):
-        def run():
-            with _torch_avg_pool():
-                return fn()
-        return run
-
-    variants = {"ensemble": together(training.VMAP_DEVICES), "sequential": sequential,
-                "ensemble_vmap": with_torch_pool(together(("cpu", "cuda"))),
-                "ensemble_torch_pool": with_torch_pool(together(training.VMAP_DEVICES))}
+    # each change against the library just before it: vmap -> loop (torch pooling) -> AvgPool2x2
+    variants = {"ensemble": together(model), "sequential": sequential,
+                "ensemble_vmap": together(before_pool, use_vmap=True),
+                "ensemble_torch_pool": together(before_pool)}
     times = {k: {"wall": [], "cpu": []} for k in variants}
     finals = {}
     for rep in range(sizes.eval_repeats):
         for name, fn in variants.items():
             gc.collect()
-            w, c = time.perf_counter(), _cpu_seconds()
+            w, c = time.perf_counter(), time.process_time()
             finals[name] = fn()
             times[name]["wall"].append(time.perf_counter() - w)
-            times[name]["cpu"].append(_cpu_seconds() - c)
+            times[name]["cpu"].append(time.process_time() - c)
         log(f"eval repeat {rep + 1}: " + ", ".join(f"{k} {v['wall'][-1]:.2f} s" for k, v in times.items()))
     acc = {k: accuracy(model, p, dataset.test_images, dataset.test_labels).tolist() for k, p in finals.items()}
     out = {"num_eval": m, "epochs": e, "images": int(images.shape[0]), "batch_size": recipe.batch_size,
            "variants": {k: {"seconds": stats(v["wall"]), "cpu_seconds": stats(v["cpu"]), "accuracies": acc[k],
                             "mean_accuracy": sum(acc[k]) / len(acc[k])} for k, v in times.items()}}
     seq = out["variants"]["sequential"]["seconds"]["median"]
-    out["compute_floor"] = _compute_floor(model, params, images, labels, recipe, seeds, augment, seq)
+    out["compute_floor"] = compute_floor(model, params, images, labels, recipe, seeds, augment, seq)
     log(f"eval compute floor: {out['compute_floor']['floor_seconds']:.2f} s at "
         f"{out['compute_floor']['matmul_gflops']:.0f} GFLOP/s; batching can gain at most "
         f"{out['compute_floor']['max_speedup_vs_sequential']:.2f}x")
@@ -84,17 +75,13 @@ def section_eval(sizes: Sizes, log) -> dict:
     return out
 
 
-def _compute_floor(model, params, images, labels, recipe, seeds, augment, sequential_seconds: float) -> dict:
+def compute_floor(model, params, images, labels, recipe, seeds, augment, sequential_seconds: float) -> dict:
     """The least time any form of training the M networks could take on this CPU: their convolution
     and matmul FLOPs (counted over one epoch of one network, x epochs x M) at the dense matmul rate
     measured now, on the same threads. Training them together changes how the work is scheduled,
     not how much there is, so sequential time / floor bounds the speed-up any batched form can
     reach. (The count includes `AvgPool2x2`'s matmuls, mostly multiplications by zero: 2-3% of
     it for the digits ConvNet, so the floor is that much too high.)"""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ..training import train_networks
-
     one_epoch = dataclasses.replace(recipe, epochs=1)
     counter = FlopCounterMode(display=False)
     with counter:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from mctlib.storage import load_store
 
 from .child import run_child
 from .common import MODES, Sizes
-from .distill import _row_text
+from .distill import row_text
 
 
 def section_memory(sizes: Sizes, stores: dict, threads, log) -> dict:
@@ -18,7 +19,7 @@ def section_memory(sizes: Sizes, stores: dict, threads, log) -> dict:
                     "device": "cpu"}
             res = run_child(spec)
             rows.append({"mode": mode, "syn_steps": steps, **res})
-            log(_row_text({"method": "mtt", "mode": mode, **res}))
+            log(row_text({"method": "mtt", "mode": mode, **res}))
     out = {"syn_steps": list(sizes.memory_steps), "rows": rows}
     out["checks"] = memory_checks(rows, sizes.memory_steps, stores)
     return out
@@ -33,8 +34,6 @@ def memory_checks(rows: list[dict], steps: tuple[int, ...], stores: dict) -> dic
     lo, hi = steps[0], steps[-1]
     checks = {"from": lo, "to": hi}
     try:
-        from ..storage import load_store
-
         d = load_store(stores["full"]).manifest["num_params"]
     except Exception:  # noqa: BLE001 - the check is informative only
         d = None

@@ -1,4 +1,4 @@
-"""Section pool: one MTT-unrolled match with `networks.AvgPool2x2` against torch's `F.avg_pool2d`."""
+"""Section pool: one MTT-unrolled match with `networks.AvgPool2x2` against torch's `nn.AvgPool2d`."""
 
 from __future__ import annotations
 
@@ -6,31 +6,32 @@ import time
 
 import torch
 
-from .common import Sizes, _cpu_seconds, _digits_match_inputs, _torch_avg_pool, stats
+from mctlib.augment import make_augment
+from mctlib.check.timings import stats
+from mctlib.matching import Student, match
+
+from .common import Sizes, digits_match_inputs, torch_pooled
 
 
 def section_pool(sizes: Sizes, log) -> dict:
-    """One MTT-unrolled match with `networks.AvgPool2x2` against torch's `F.avg_pool2d`,
+    """One MTT-unrolled match with `networks.AvgPool2x2` against torch's `nn.AvgPool2d`,
     interleaved: time and how far the loss and the image gradient move (rounding only)."""
-    from ..augment import make_augment
-    from ..matching import Student, match
+    model, images, labels, theta_start, theta_target, plan = digits_match_inputs(sizes)
+    augment = make_augment(True)
+    ours, torchs = Student(model, augment), Student(torch_pooled(model), augment)
 
-    model, images, labels, theta_start, theta_target, plan = _digits_match_inputs(sizes)
-    student = Student(model, make_augment(True))
-
-    def run():
+    def run(student):
         x = images.clone().requires_grad_(True)
-        w, c = time.perf_counter(), _cpu_seconds()
+        w, c = time.perf_counter(), time.process_time()
         r = match(student, x, labels, torch.tensor(0.01, requires_grad=True), theta_start, theta_target, plan,
                   "unrolled")
-        return r.loss, x.grad, time.perf_counter() - w, _cpu_seconds() - c
+        return r.loss, x.grad, time.perf_counter() - w, time.process_time() - c
 
     times = {"torch_avg_pool2d": {"wall": [], "cpu": []}, "AvgPool2x2": {"wall": [], "cpu": []}}
-    run()  # warm-up
+    run(ours)  # warm-up
     for rep in range(sizes.eval_repeats + 2):
-        with _torch_avg_pool():
-            before = run()
-        after = run()
+        before = run(torchs)
+        after = run(ours)
         for name, r in (("torch_avg_pool2d", before), ("AvgPool2x2", after)):
             times[name]["wall"].append(r[2])
             times[name]["cpu"].append(r[3])

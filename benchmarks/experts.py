@@ -6,37 +6,30 @@ import gc
 import time
 from pathlib import Path
 
-from .common import Sizes, _cpu_seconds, _digits_net
+from mctlib.config import get_preset
+from mctlib.data import load_dataset
+from mctlib.experts import train_experts
+from mctlib.networks import FlatModel, build_network
+from mctlib.storage import load_store, save_store
+from mctlib.trajectories import convexify
+
+from .common import Sizes, digits_net
 
 
 def section_experts(sizes: Sizes, work: Path, log) -> dict:
     """Experts per minute (full record) and bytes per expert of each record kind; writes the stores."""
-    from .. import training
-    from ..config import get_preset
-    from ..data import load_dataset
-    from ..experts import train_experts
-    from ..networks import FlatModel, build_network
-    from ..storage import load_store, save_store
-    from ..trajectories import convexify
-
     dataset = load_dataset("digits")
-    net = _digits_net(sizes)
+    net = digits_net(sizes)
     cfg = get_preset("mtt-digits-ipc10").expert.replace(num_experts=sizes.num_experts,
                                                         epochs=sizes.expert_epochs_trained, record="full", seed=0)
     out: dict = {"config": {"net": net.to_dict(), "expert": cfg.to_dict()}, "runs": {}}
-    runs = [("loop", ())] + ([("vmap", ("cpu", "cuda"))] if sizes.experts_vmap else [])
+    runs = [("loop", None)] + ([("vmap", True)] if sizes.experts_vmap else [])  # None: the CPU's default, a loop
     records = seeds = None
-    for name, vmap_devices in runs:
-        before = training.VMAP_DEVICES
-        if vmap_devices:
-            training.VMAP_DEVICES = vmap_devices
-        try:
-            gc.collect()
-            w, c = time.perf_counter(), _cpu_seconds()
-            recs, sds, st = train_experts(dataset, net, cfg, device="cpu", ensemble_size=8)
-            wall, cpu = time.perf_counter() - w, _cpu_seconds() - c
-        finally:
-            training.VMAP_DEVICES = before
+    for name, use_vmap in runs:
+        gc.collect()
+        w, c = time.perf_counter(), time.process_time()
+        recs, sds, st = train_experts(dataset, net, cfg, device="cpu", ensemble_size=8, use_vmap=use_vmap)
+        wall, cpu = time.perf_counter() - w, time.process_time() - c
         out["runs"][name] = {"seconds": wall, "cpu_seconds": cpu, "experts_per_minute": 60 * cfg.num_experts / wall,
                              "test_accuracy": st["test_accuracy"]}
         log(f"experts ({name}): {cfg.num_experts} x {cfg.epochs} epochs in {wall:.1f} s "

@@ -10,7 +10,7 @@
   LONG_UNROLL_LR_LR at 80).
 
 Each configuration runs in fresh processes; the ranks are started with the environment torchrun
-gives its workers. `mctlib bench --sections distributed` runs it; `section_distributed(log, quick)` is its entry.
+gives its workers. `python -m benchmarks --sections distributed` runs it; `section_distributed(log, quick)` is its entry.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ import time
 from pathlib import Path
 
 import torch
+
+from mctlib.config import get_preset
+from mctlib.data import load_dataset
+from mctlib.device import configure_threads
+from mctlib.distill import distill
+from mctlib.distributed import launched, setup, teardown
+from mctlib.storage import load_store
 
 TAG = "MCTLIB-BENCH-DISTRIBUTED "
 PRESET = "mtt-digits-ipc10"
@@ -90,7 +97,7 @@ def _distill(store: str, ranks: int, threads: int, syn_steps: int, iterations: i
     spec = {"store": store, "syn_steps": syn_steps, "iterations": iterations + warmup, "warmup": warmup}
     if lr_lr is not None:
         spec["lr_lr"] = lr_lr
-    cmd = [sys.executable, "-m", "mctlib.bench.distributed", "--child", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "benchmarks.distributed", "--child", json.dumps(spec)]
     rows = _results(_launch(cmd, ranks, threads))
     errors = [r["error"] for r in rows if "error" in r]
     if errors:
@@ -187,13 +194,6 @@ def _peak_probe():
 
 
 def _child(spec: dict) -> dict:
-    from ..config import get_preset
-    from ..data import load_dataset
-    from ..device import configure_threads
-    from ..distill import distill
-    from ..distributed import launched, setup, teardown
-    from ..storage import load_store
-
     configure_threads()
     group = setup("cpu", "gloo", 600) if launched() else None
     store = load_store(spec["store"])
@@ -217,7 +217,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         print(TAG + json.dumps(_child(json.loads(sys.argv[2]))), flush=True)
     else:
-        # `python -m mctlib.bench.distributed [--quick]`: the section alone.
+        # `python -m benchmarks.distributed [--quick]`: the section alone.
         started = time.perf_counter()
         res = section_distributed(lambda m: print(f"[{time.perf_counter() - started:6.1f} s] {m}", flush=True),
                                   quick="--quick" in sys.argv)

@@ -6,24 +6,24 @@ import time
 
 import torch
 
-from .common import Sizes, _digits_match_inputs, _then
+from mctlib.augment import make_augment
+from mctlib.device import channels_last, precision_context
+from mctlib.matching import Student, match
+
+from .common import Sizes, digits_match_inputs
 
 
 def section_precision(sizes: Sizes, log) -> dict:
     """bf16 autocast and channels-last against fp32: loss and image gradient of one unrolled match."""
-    from ..augment import make_augment
-    from ..device import autocast, channels_last
-    from ..matching import Student, match
-
-    model, images, labels, theta_start, theta_target, plan = _digits_match_inputs(sizes)
+    model, images, labels, theta_start, theta_target, plan = digits_match_inputs(sizes)
     aug = make_augment(True)
 
     def run(precision, layout):
-        student = Student(model, _then(aug, channels_last) if layout else aug)
+        student = Student(model, (lambda x, seed: channels_last(aug(x, seed))) if layout else aug)
         x = images.clone().requires_grad_(True)
         a = torch.tensor(0.01, requires_grad=True)
         w = time.perf_counter()
-        with autocast(precision, "cpu"):
+        with precision_context(precision, "cpu"):
             r = match(student, x, labels, a, theta_start, theta_target, plan, "unrolled")
         return r.loss, x.grad, a.grad, time.perf_counter() - w
 

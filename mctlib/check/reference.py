@@ -1,9 +1,10 @@
-"""The original MTT distillation iteration, reimplemented faithfully, as the bench's baseline.
+"""The original MTT distillation iteration, reimplemented faithfully, as the baseline the engine is timed against.
 
 The engine's speed targets are relative to the original code (Cazenavette et al., 2022:
 `distill.py`, and DSA's `DiffAugment` in `utils.py`). That code cannot be fetched here, so this
 module re-creates its inner loop, structure for structure, to be timed beside the engine in the
-same run on the same machine (`python -m mctlib bench --sections reference`):
+same run on the same machine (`mctlib check` on a GPU, `timings.time_original_loop`; `make bench`,
+its reference section):
 
 - a fresh random ConvNet wrapped to take one flat parameter vector, built every iteration
   (`ReparamModule` there: parameters swapped in as views of the vector before each forward);
