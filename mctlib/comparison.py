@@ -153,11 +153,13 @@ def _row(variant: Variant, seed: int, result: RunResult | None, error: str | Non
 
 def run_variants(variants: Iterable[Variant], seeds: Iterable[int], dataset: Dataset, store_full: TrajectoryStore,
                  eval_cfg: EvalConfig | None, runs_dir: str | Path = "runs", stores: dict | None = None,
-                 prefix: str = "", device=None, progress: bool = False, workers: int = 1) -> Comparison:
+                 prefix: str = "", device=None, progress: bool = False, workers: int = 1,
+                 eval_seed: int | None = None) -> Comparison:
     """Every variant at every seed through `run_or_load`. The seed sets the initial subset, the window
     sampling and the evaluation networks; a run that diverges becomes a row with status 'diverged'.
     With workers > 1 the runs not yet on disk are computed in parallel processes (`parallel_jobs`)
-    first, then every run is loaded."""
+    first, then every run is loaded. `eval_seed` fixes the evaluation networks of every seed; a variant
+    whose `init_seed` equals a seed is that seed's ordinary run (the same run name)."""
     stores = dict(stores or {})
     stores.setdefault(FULL, store_full)
     seeds = [int(s) for s in seeds]
@@ -168,7 +170,9 @@ def run_variants(variants: Iterable[Variant], seeds: Iterable[int], dataset: Dat
         store = stores[variant.record]
         for seed in seeds:
             cfg = variant.distill.replace(seed=int(seed))
-            ev = eval_cfg.replace(seed=int(seed)) if eval_cfg is not None else None
+            if cfg.init_seed == cfg.seed:
+                cfg = cfg.replace(init_seed=None)
+            ev = eval_cfg.replace(seed=int(seed if eval_seed is None else eval_seed)) if eval_cfg is not None else None
             plan.append((variant, seed, run_name(cfg, variant.record, store_full, ev, prefix), cfg, store, ev))
     pending = [(name, cfg, str(store.path), dataset, ev, str(runs_dir), device)
                for _, _, name, cfg, store, ev in plan if not _finished(Path(runs_dir) / name, cfg)]
@@ -207,7 +211,7 @@ def method_variants(configs: Iterable[str | DistillConfig | Variant]) -> list[Va
 def compare_methods(dataset: Dataset, configs: Iterable[str | DistillConfig | Variant], seeds: Iterable[int],
                     store_full: TrajectoryStore, store_convex: TrajectoryStore | None = None,
                     eval_cfg: EvalConfig | None = None, runs_dir: str | Path = "runs", prefix: str = "",
-                    device=None, progress: bool = False, workers: int = 1) -> Comparison:
+                    device=None, progress: bool = False, workers: int = 1, eval_seed: int | None = None) -> Comparison:
     """MTT (full buffer, integer starts) against MCT (convexified record, continuous tau), from the same
     experts: `store_convex` must be a convexification of `store_full` (made next to it when None)."""
     configs = list(configs)
@@ -225,7 +229,20 @@ def compare_methods(dataset: Dataset, configs: Iterable[str | DistillConfig | Va
         names = [c for c in configs if isinstance(c, str)]
         eval_cfg = get_preset(names[0]).eval if names else None
     return run_variants(variants, seeds, dataset, store_full, eval_cfg, runs_dir, stores, prefix, device, progress,
-                        workers)
+                        workers, eval_seed)
+
+
+def sampling_spread(dataset: Dataset, configs: Iterable[DistillConfig], seed: int, count: int,
+                    store_full: TrajectoryStore, store_convex: TrajectoryStore, eval_cfg: EvalConfig,
+                    runs_dir: str | Path = "runs", prefix: str = "", device=None, progress: bool = False,
+                    workers: int = 1) -> Comparison:
+    """Both methods at `count` sampling seeds (seed, seed + 1, ...) that share the initial images and the
+    evaluation networks of `seed`: only the sampled windows (expert, start, minibatches, DSA) differ, so
+    the spread of their accuracies is the method's own instability, not the choice of images. The run of
+    `seed` itself is the main comparison's run of that seed."""
+    configs = [c.replace(init_seed=seed) for c in configs]
+    return compare_methods(dataset, configs, range(seed, seed + count), store_full, store_convex, eval_cfg, runs_dir,
+                           prefix, device, progress, workers, eval_seed=seed)
 
 
 ABLATIONS = ("sampling", "beta_schedule", "num_waypoints", "gradient_mode")
@@ -234,7 +251,7 @@ ABLATIONS = ("sampling", "beta_schedule", "num_waypoints", "gradient_mode")
 def ablation_variants(kind: str, base: DistillConfig, record: RecordSpec = RecordSpec()) -> list[Variant]:
     """The base MCT setting first, then each alternative of one choice (the labels):
     sampling (continuous / integer tau on the same convexified record), beta_schedule (arc_length /
-    uniform / projected), num_waypoints (K4 / K2), gradient_mode (unrolled / constant_memory / checkpointed)."""
+    uniform / projected), num_waypoints (the record's K / K 4, or 2 when the record has 4), gradient_mode (unrolled / constant_memory / checkpointed)."""
     if base.method != "mct":
         raise ValueError(f"ablations vary MCT's choices; the base config has method {base.method!r}")
     base = base.replace(sampling=None)
@@ -244,7 +261,9 @@ def ablation_variants(kind: str, base: DistillConfig, record: RecordSpec = Recor
         return [Variant(s, base, RecordSpec("convex", record.num_waypoints, s, record.smooth))
                 for s in ("arc_length", "uniform", "projected")]
     if kind == "num_waypoints":
-        return [Variant(f"K{k}", base, RecordSpec("convex", k, record.beta_schedule, record.smooth)) for k in (4, 2)]
+        other = 4 if record.num_waypoints != 4 else 2
+        return [Variant(f"K{k}", base, RecordSpec("convex", k, record.beta_schedule, record.smooth))
+                for k in (record.num_waypoints, other)]
     if kind == "gradient_mode":
         return [Variant(m, base.replace(gradient_mode=m), record)
                 for m in ("unrolled", "constant_memory", "checkpointed")]
@@ -253,9 +272,10 @@ def ablation_variants(kind: str, base: DistillConfig, record: RecordSpec = Recor
 
 def run_ablation(kind: str, base: DistillConfig, seeds: Iterable[int], dataset: Dataset, store_full: TrajectoryStore,
                  eval_cfg: EvalConfig | None, runs_dir: str | Path = "runs", prefix: str = "", device=None,
-                 progress: bool = False, workers: int = 1) -> Comparison:
-    """One ablation; runs shared between ablations (the base setting) are computed once and loaded after."""
-    return run_variants(ablation_variants(kind, base), seeds, dataset, store_full, eval_cfg, runs_dir,
+                 progress: bool = False, workers: int = 1, record: RecordSpec = RecordSpec()) -> Comparison:
+    """One ablation around `base` matching `record`; runs shared between ablations (the base setting) are
+    computed once and loaded after."""
+    return run_variants(ablation_variants(kind, base, record), seeds, dataset, store_full, eval_cfg, runs_dir,
                         prefix=prefix, device=device, progress=progress, workers=workers)
 
 

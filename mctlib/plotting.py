@@ -359,24 +359,24 @@ def convergence(curves: dict, window: int = 10):
     return fig
 
 
-def per_seed_accuracy(panels: dict, full_data: float | None = None):
-    """One panel per IPC: every random real subset and every seed's final accuracy of each method as a
-    dot, the mean +- sample std as a bar beside them, and a grey line joining the two methods' runs of
-    the same seed (what the paired difference compares). `panels[ipc]` = {"random real": [acc, ...],
-    label: {seed: acc, ...}, ...} (fractions); the full-data accuracy as a dashed line."""
+def per_seed_accuracy(panels: dict, full_data: float | None = None, links: list[tuple[str, str]] | None = None):
+    """One panel per IPC: every random real subset and every seed's accuracy in each group as a dot, the
+    mean +- sample std as a bar beside them, and grey lines joining the same seed's dots in the linked
+    groups (what a paired difference compares; default: consecutive seeded groups). `panels[ipc]` =
+    {"random real": [acc, ...], label: {seed: acc, ...}, ...} (fractions); the full data dashed."""
     fig, axes = new_figure(len(panels), width=3.6, squeeze=False)
     for ax, (ipc, groups) in zip(axes[0], panels.items()):
         names = list(groups)
         for i, name in enumerate(names):
             values = groups[name]
             accs = [100 * v for v in (values.values() if isinstance(values, dict) else values)]
-            color = METHOD_COLORS.get(name, "0.45")
+            color = METHOD_COLORS.get(name.split(" ")[0], "0.45")
             ax.scatter([i - 0.08] * len(accs), accs, s=14, color=color, zorder=3)
             if len(accs) > 1:
                 ax.errorbar(i + 0.12, statistics.fmean(accs), yerr=statistics.stdev(accs), fmt="s", ms=4,
                             color=color, capsize=3)
         methods = [n for n in names if isinstance(groups[n], dict)]
-        for a, b in zip(methods, methods[1:]):
+        for a, b in links or list(zip(methods, methods[1:])):
             ia, ib = names.index(a), names.index(b)
             for seed in sorted(set(groups[a]) & set(groups[b])):
                 ax.plot([ia - 0.08, ib - 0.08], [100 * groups[a][seed], 100 * groups[b][seed]], color="0.75",
@@ -384,7 +384,7 @@ def per_seed_accuracy(panels: dict, full_data: float | None = None):
         if full_data is not None:
             ax.axhline(100 * full_data, color="k", ls="--", lw=1, label="full data")
             ax.legend(fontsize=7, loc="lower right")
-        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_xticks(range(len(names)), [n.replace(" ", "\n") for n in names], fontsize=7)
         ax.set(xlim=(-0.5, len(names) - 0.5), title=f"IPC {ipc}", ylabel="test accuracy (%)")
     return fig
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mctlib.comparison import (Comparison, Variant, _row, compare_methods, diverged, learned_alpha_controls,
-                               lr_lr_rule)
+                               lr_lr_rule, sampling_spread)
 from mctlib.config import DistillConfig, EvalConfig, ExpertConfig
 from mctlib.distill import initial_synthetic
 from mctlib.evaluate import evaluate_synthetic
@@ -101,3 +101,19 @@ def test_learned_alpha_control_equals_the_initial_images_trained_with_the_final_
     # the row's own start is the run's iteration-0 evaluation, the same for both methods of a seed
     for seed in (0, 1):
         assert table.per_seed("MTT", "initial_acc")[seed] == table.per_seed("MCT", "initial_acc")[seed]
+
+
+def test_sampling_spread_fixes_the_images_and_networks_and_reuses_the_seed_run(digits8, store_full, tmp_path):
+    configs = [DistillConfig(method="mtt", **SMALL), DistillConfig(method="mct", **SMALL)]
+    main = compare_methods(digits8, configs, [0, 1], store_full, None, EVAL, tmp_path)
+    spread = sampling_spread(digits8, configs, 0, 2, store_full, None, EVAL, tmp_path)
+    for label in ("MTT", "MCT"):
+        assert spread.runs[(label, 0)].status == "loaded"  # the main comparison's run of seed 0
+        assert torch.equal(spread.runs[(label, 0)].images, main.runs[(label, 0)].images)
+        # seed 1 here: seed 0's images and networks (same iteration-0 accuracy), other windows
+        assert spread.per_seed(label, "initial_acc")[1] == spread.per_seed(label, "initial_acc")[0]
+        assert not torch.equal(spread.runs[(label, 1)].images, spread.runs[(label, 0)].images)
+        assert spread.runs[(label, 1)].log[0]["expert"] is not None
+    # and the main comparison's seed 1 started from other images than seed 0
+    assert main.per_seed("MTT", "initial_acc")[1] != main.per_seed("MTT", "initial_acc")[0] or not torch.equal(
+        initial_synthetic(digits8, configs[0].replace(seed=1))[0], initial_synthetic(digits8, configs[0])[0])
