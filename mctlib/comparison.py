@@ -8,11 +8,12 @@ import statistics
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from .config import DataConfig, DistillConfig, EvalConfig, Preset, get_preset
 from .data import DATASET_INFO, Dataset, balanced_subset, load_dataset
 from .distill import DivergenceError, evaluated
+from .evaluate import EvalResult
 from .notebook import cached_experts, config_key
 from .published import experiment_preset
 from .records import FULL, RecordSpec, convexified_store, record_spec, store_for
@@ -307,18 +308,20 @@ def _load_data(name: str, root: str | None, image_size: int | None, zca: bool, t
 
 def prepare_setting(dataset: str, ipc: int, num_experts: int, expert_epochs: int, seed: int,
                     runs_dir: str | Path, device=None, progress: bool = False, num_waypoints: int | None = None,
-                    cpu: bool = False) -> Setting:
+                    cpu: bool = False, workers: int = 1) -> Setting:
     """The presets of both methods at (dataset, ipc) (with `cpu`, the dataset's CPU setting where it has
     one), the data with their preprocessing, MTT's expert recipe (record 'full', `num_experts` x
     `expert_epochs`) through the chapters' shared expert cache, and the convexified record of those same
-    experts (K = `num_waypoints`, else the MCT preset's, with its beta schedule and smoothing)."""
+    experts (K = `num_waypoints`, else the MCT preset's, with its beta schedule and smoothing). The
+    experts train in `workers` processes at once (`notebook.cached_experts`)."""
     mtt, _ = experiment_preset("mtt", dataset, ipc, cpu)
     mct, approximate = experiment_preset("mct", dataset, ipc, cpu)
     if mtt.data != mct.data or mtt.net != mct.net:
         raise ValueError(f"{mtt.name} and {mct.name} see different data or networks: they cannot share experts")
     data = load_data(mtt.data)
     expert_cfg = mtt.expert.replace(record="full", num_experts=num_experts, epochs=expert_epochs, seed=seed)
-    store_full = cached_experts(data, mtt.net, expert_cfg, root=runs_dir, device=device, progress=progress)
+    store_full = cached_experts(data, mtt.net, expert_cfg, root=runs_dir, device=device, progress=progress,
+                                workers=workers)
     e = mct.expert
     store_convex = convexified_store(store_full, num_waypoints or e.num_waypoints, e.beta_schedule, e.smooth)
     return Setting(ipc, data, mtt, mct, approximate, store_full, store_convex)
@@ -362,3 +365,19 @@ def learned_alpha_controls(comparison: Comparison, dataset: Dataset, net, eval_c
     out = {key: math.nan for key in comparison.runs}
     out.update({key: r.mean for key, r in zip(keys, results)})
     return out
+
+
+def reference_baselines(settings: Mapping[int, Setting], eval_cfgs: Mapping[int, EvalConfig], subsets: int,
+                        full_data_epochs: int, runs_dir: str | Path = "runs", device=None, workers: int = 1,
+                        progress: bool = False) -> tuple[dict[int, list[EvalResult]], EvalResult]:
+    """The two references of chapter 4, computed together in parallel and cached: `subsets` random real
+    subsets per IPC (subset k drawn, and its networks seeded, with the eval seed + k; lr 0.01) and the full
+    training set of the first setting (`full_data_epochs` epochs). Returns ({ipc: results}, full data)."""
+    ipcs = list(settings)
+    first = settings[ipcs[0]]
+    jobs = [{"kind": "random_real", "eval_cfg": eval_cfgs[ipc].replace(seed=eval_cfgs[ipc].seed + k), "ipc": ipc}
+            for ipc in ipcs for k in range(subsets)]
+    jobs.append({"kind": "full", "eval_cfg": eval_cfgs[ipcs[0]].replace(epochs=full_data_epochs)})
+    results = baselines_or_load(jobs, first.data, first.store_full.net, runs_dir, device, workers, progress,
+                                desc="baselines")
+    return {ipc: results[i * subsets:(i + 1) * subsets] for i, ipc in enumerate(ipcs)}, results[-1]

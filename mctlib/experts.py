@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .augment import make_augment
 from .config import ExpertConfig
@@ -129,4 +128,7 @@ def make_experts(dataset: Dataset, net: NetConfig, cfg: ExpertConfig, out: str |
 def _bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
+    # tqdm.auto only when a bar is asked for: importing it in a notebook without ipywidgets prints a warning
+    from tqdm.auto import tqdm
+
     return tqdm(total=total, desc=desc, unit="epoch", leave=False)

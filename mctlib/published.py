@@ -14,8 +14,8 @@ from .data import DATASET_INFO
 class Published:
     """One reported accuracy (ConvNet, %), as METHOD.md "Reported accuracies" lists it."""
 
-    method: str        # mtt, mct, tesla, ftd, datm, full
-    dataset: str       # cifar10, cifar100, tiny_imagenet
+    method: str        # mtt, mct, tesla, ftd, datm, dc, dsa, full
+    dataset: str       # cifar10, cifar100, tiny_imagenet, fashion_mnist
     ipc: int | None    # None: the full training set
     accuracy: float
     std: float | None = None
@@ -40,6 +40,8 @@ PUBLISHED: tuple[Published, ...] = tuple(
        Published("full", "cifar10", None, 84.8, None, "full training set"),
        Published("full", "cifar100", None, 56.2, None, "full training set"),
        Published("full", "tiny_imagenet", None, 37.6, None, "full training set")]
+    + _rows("dc", "fashion_mnist", (70.5, 82.3, 83.6), "DC paper")
+    + _rows("dsa", "fashion_mnist", (70.6, 84.6, 88.7), "DSA paper")
 )
 IMPLEMENTED = ("mtt", "mct", "full")
 PAPER_ROOT = "runs/paper"
@@ -125,10 +127,10 @@ def reproduce_commands(method: str, dataset: str, ipc: int | None, root: str = P
 def _papermill(dataset: str, ipc: int, preset: Preset, out: str) -> str:
     """Chapter 4 at paper scale for one dataset and IPC (its parameters cell names every -p used here)."""
     d, e, ev = preset.distill, preset.expert, preset.eval
-    params = {"dataset": dataset, "ipcs": ipc, "num_seeds": 1, "iterations": d.iterations,
+    params = {"dataset": dataset, "setting": "paper", "ipcs": ipc, "num_seeds": 3, "iterations": d.iterations,
               "eval_every": d.eval_every, "num_eval": ev.num_eval, "eval_epochs": ev.epochs,
               "full_data_epochs": FULL_DATA_EPOCHS, "num_experts": e.num_experts, "expert_epochs": e.epochs,
-              "run_ablations": False, "out_dir": out}
+              "num_waypoints": 4, "sampling_seeds": 1, "run_ablations": False, "out_dir": out}
     flags = " ".join(f"-p {k} {shlex.quote(str(v))}" for k, v in params.items())
     return f"papermill notebooks/04_experiments.ipynb {out}.ipynb {flags}"
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
-from tqdm.auto import tqdm
-
 from . import available_cores
 from .device import configure_threads, resolve_device
 
@@ -33,6 +31,9 @@ def parallel_jobs(fn, jobs: list[tuple], workers: int, progress: bool = False, d
         return []
     bar = None
     if progress:
+        # tqdm.auto only when a bar is asked for: importing it in a notebook without ipywidgets prints a warning
+        from tqdm.auto import tqdm
+
         bar = tqdm(total=len(jobs), desc=desc, leave=False)
     if workers <= 1 or len(jobs) == 1:
         out = []
