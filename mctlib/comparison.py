@@ -10,6 +10,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+import torch
+
 from .config import DataConfig, DistillConfig, EvalConfig, Preset, get_preset
 from .data import DATASET_INFO, Dataset, balanced_subset, load_dataset
 from .distill import DivergenceError, evaluated
@@ -18,9 +20,9 @@ from .notebook import cached_experts, config_key
 from .published import experiment_preset
 from .records import FULL, RecordSpec, convexified_store, record_spec, store_for
 from .runs import RunResult, _compute_run, _finished, _quiet_run_or_load, baselines_or_load
-from .workers import parallel_jobs
 from .stats import area_under_curve, paired, successive_noise
 from .storage import TrajectoryStore
+from .workers import parallel_jobs
 
 
 @dataclass(frozen=True)
@@ -175,19 +177,38 @@ def run_variants(variants: Iterable[Variant], seeds: Iterable[int], dataset: Dat
                 cfg = cfg.replace(init_seed=None)
             ev = eval_cfg.replace(seed=int(seed if eval_seed is None else eval_seed)) if eval_cfg is not None else None
             plan.append((variant, seed, run_name(cfg, variant.record, store_full, ev, prefix), cfg, store, ev))
-    pending = [(name, cfg, str(store.path), dataset, ev, str(runs_dir), device)
-               for _, _, name, cfg, store, ev in plan if not _finished(Path(runs_dir) / name, cfg)]
+    todo = [(name, cfg, store, ev) for _, _, name, cfg, store, ev in plan if not _finished(Path(runs_dir) / name, cfg)]
+    initial = _initial_evaluations(todo, dataset, store_full.net, runs_dir, device, workers, progress)
+    pending = [(name, cfg, str(store.path), dataset, ev, str(runs_dir), device, initial.get(name))
+               for name, cfg, store, ev in todo]
     if workers > 1 and len(pending) > 1:
         parallel_jobs(_compute_run, pending, workers, progress, desc="distillation runs")
     rows, runs = [], {}
     for variant, seed, name, cfg, store, ev in plan:
         try:
-            result, error = _quiet_run_or_load(name, cfg, store, dataset, ev, runs_dir, device, progress), None
+            result = _quiet_run_or_load(name, cfg, store, dataset, ev, runs_dir, device, progress, initial.get(name))
+            error = None
         except DivergenceError as err:
             result, error = None, str(err)
         rows.append(_row(variant, int(seed), result, error))
         runs[(variant.label, int(seed))] = result
     return Comparison(rows, runs)
+
+
+def _initial_evaluations(todo: list[tuple], dataset: Dataset, net, runs_dir: str | Path, device, workers: int,
+                         progress: bool) -> dict[str, list]:
+    """{run name: its iteration-0 evaluation}, each distinct one computed once, in parallel: runs that start
+    from the same images with the same initial alpha and networks (MTT and MCT of a seed, the sampling
+    seeds of one image set, the ablations) share one evaluation instead of repeating it."""
+    jobs = {}
+    for name, cfg, _, ev in todo:
+        if ev is not None and (cfg.eval_every or cfg.eval_at):
+            # alpha as the run holds it (a float32 tensor), so the evaluation is the one the run would make
+            jobs[name] = {"kind": "initial_images", "eval_cfg": ev, "init": cfg,
+                          "lr": float(torch.tensor(cfg.lr_teacher, dtype=torch.float32))}
+    results = baselines_or_load(list(jobs.values()), dataset, net, runs_dir, device, workers, progress,
+                                desc="initial evaluations", archs=True)
+    return dict(zip(jobs, results))
 
 
 def method_variants(configs: Iterable[str | DistillConfig | Variant]) -> list[Variant]:

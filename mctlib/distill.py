@@ -290,9 +290,12 @@ def run_config(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eva
 
 def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_cfg: EvalConfig | None = None,
             run_dir: str | Path | None = None, resume: bool = False, device=None, progress: bool = True,
-            run_info: dict | None = None, group=None, precision: str = "fp32") -> DistillResult:
+            run_info: dict | None = None, group=None, precision: str = "fp32",
+            initial_eval: list | None = None) -> DistillResult:
     """Run (or resume) one distillation; see the module docstring for what lands in `run_dir`.
     `precision` (fp32, tf32, bf16; see device.precision_context) applies to the student's steps.
+    `initial_eval`: the iteration-0 evaluation computed beforehand (EvalResults of S_0 with the initial
+    alpha by `eval_cfg`'s networks), recorded instead of evaluating again; runs that start alike share it.
 
     `group` (a `distributed.Group`, from torchrun): the synthetic set's gradient is computed in shards
     over the ranks, every rank holds the same S and alpha, and rank 0 writes the run directory."""
@@ -348,7 +351,7 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
     warned = any(entry["alpha"] <= 0 for entry in state.log)
     data_rms = _rms(dataset.train_images)
 
-    def evaluate_now(it: int) -> None:
+    def evaluate_now(it: int, results: list | None = None) -> None:
         nonlocal best
         if eval_cfg is None:
             return
@@ -358,8 +361,9 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
             # evaluates with lr = alpha regardless, we record why this evaluation did not run.
             state.evals.append({"iteration": it, "skipped": f"alpha = {alpha_now:.3g} <= 0 at this iteration"})
             return
-        results = evaluate_synthetic(state.images, state.labels, alpha_now, dataset, net, eval_cfg, device,
-                                     share=group, precision=precision)
+        if results is None:
+            results = evaluate_synthetic(state.images, state.labels, alpha_now, dataset, net, eval_cfg, device,
+                                         share=group, precision=precision)
         entry = {"iteration": it, "mean": results[0].mean, "std": results[0].std,
                  "accuracies": results[0].accuracies, "archs": [r.to_dict() for r in results]}
         state.evals.append(entry)
@@ -375,7 +379,7 @@ def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_c
 
         bar = tqdm(total=cfg.iterations, initial=state.iteration, desc=f"distill {cfg.method}", leave=False)
     if state.iteration == 0 and not state.evals and (cfg.eval_every or cfg.eval_at):
-        evaluate_now(0)
+        evaluate_now(0, initial_eval)
     while state.iteration < cfg.iterations:
         good = state.snapshot()
         it = state.iteration + 1

@@ -64,7 +64,7 @@ class RunMismatchError(ValueError):
 
 def run_or_load(name: str, distill_cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset,
                 eval_cfg: EvalConfig | None = None, runs_dir: str | Path = "runs", device=None,
-                progress: bool = False) -> RunResult:
+                progress: bool = False, initial_eval: list | None = None) -> RunResult:
     """The run `runs_dir/name`: loaded if finished with this configuration, resumed from its checkpoint if
     interrupted (or asked for more iterations), computed if absent. A directory holding another
     configuration raises `RunMismatchError` naming both sides; a run that diverged before raises again."""
@@ -97,7 +97,7 @@ def run_or_load(name: str, distill_cfg: DistillConfig, store: TrajectoryStore, d
                 (run_dir / leftover).unlink(missing_ok=True)
     try:
         result = distill(distill_cfg, store, dataset, eval_cfg, run_dir, resume=status == "resumed", device=device,
-                         progress=progress, run_info={"run_name": name})
+                         progress=progress, run_info={"run_name": name}, initial_eval=initial_eval)
     except DivergenceError as err:
         atomic_write_json(run_dir / "diverged.json", {"error": str(err)})
         raise
@@ -123,10 +123,10 @@ def _worker_store(path: str) -> TrajectoryStore:
 
 
 def _compute_run(name: str, cfg: DistillConfig, store_path: str, dataset: Dataset, ev: EvalConfig | None,
-                 runs_dir: str, device) -> str | None:
+                 runs_dir: str, device, initial_eval: list | None = None) -> str | None:
     """In a worker: compute (or resume) one run into its run directory; the parent loads it afterwards."""
     try:
-        _quiet_run_or_load(name, cfg, _worker_store(store_path), dataset, ev, runs_dir, device)
+        _quiet_run_or_load(name, cfg, _worker_store(store_path), dataset, ev, runs_dir, device, False, initial_eval)
     except DivergenceError as err:
         return str(err)
     return None
@@ -194,18 +194,22 @@ def baseline_or_load(kind: str, dataset: Dataset, net: NetConfig, eval_cfg: Eval
 
 
 def baselines_or_load(jobs: list[dict], dataset: Dataset, net: NetConfig, runs_dir: str | Path = "runs", device=None,
-                      workers: int = 1, progress: bool = False, desc: str = "baselines") -> list[EvalResult]:
+                      workers: int = 1, progress: bool = False, desc: str = "baselines",
+                      archs: bool = False) -> list:
     """Several `baseline_or_load` calls (each a dict of its keyword arguments: kind, eval_cfg, ipc, lr,
-    init), those not yet cached computed in parallel processes; the first architecture's result of each."""
+    init), those not yet cached computed in parallel processes (each distinct one once); the first
+    architecture's result of each, or with `archs` the list of every architecture's."""
     def path(job):
         return _baseline_path(job["kind"], dataset, net, job["eval_cfg"], runs_dir, job.get("ipc"),
                               job.get("lr", 0.01), job.get("init"))
 
-    pending = [(j["kind"], dataset, net, j["eval_cfg"], str(runs_dir), j.get("ipc"), j.get("lr", 0.01), device,
-                j.get("init")) for j in jobs if not path(j).exists()]
+    pending = {path(j): (j["kind"], dataset, net, j["eval_cfg"], str(runs_dir), j.get("ipc"), j.get("lr", 0.01), device,
+                         j.get("init")) for j in jobs if not path(j).exists()}  # each distinct one once
+    pending = list(pending.values())
     parallel_jobs(_compute_baseline, pending, workers, progress, desc=desc)
-    return [baseline_or_load(j["kind"], dataset, net, j["eval_cfg"], runs_dir, j.get("ipc"), j.get("lr", 0.01),
-                             device, j.get("init"))[0] for j in jobs]
+    results = [baseline_or_load(j["kind"], dataset, net, j["eval_cfg"], runs_dir, j.get("ipc"), j.get("lr", 0.01),
+                                device, j.get("init")) for j in jobs]
+    return results if archs else [r[0] for r in results]
 
 
 def random_real_subsets(dataset: Dataset, ipc: int, net: NetConfig, eval_cfg: EvalConfig, subsets: int,

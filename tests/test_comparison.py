@@ -9,7 +9,7 @@ import torch
 from mctlib.comparison import (Comparison, Variant, _row, compare_methods, diverged, learned_alpha_controls,
                                lr_lr_rule, sampling_spread)
 from mctlib.config import DistillConfig, EvalConfig, ExpertConfig
-from mctlib.distill import initial_synthetic
+from mctlib.distill import distill, initial_synthetic
 from mctlib.evaluate import evaluate_synthetic
 from mctlib.experts import make_experts
 from mctlib.records import FULL
@@ -117,3 +117,14 @@ def test_sampling_spread_fixes_the_images_and_networks_and_reuses_the_seed_run(d
     # and the main comparison's seed 1 started from other images than seed 0
     assert main.per_seed("MTT", "initial_acc")[1] != main.per_seed("MTT", "initial_acc")[0] or not torch.equal(
         initial_synthetic(digits8, configs[0].replace(seed=1))[0], initial_synthetic(digits8, configs[0])[0])
+
+
+def test_a_shared_initial_evaluation_is_the_one_each_run_would_make(digits8, store_full, tmp_path):
+    configs = [DistillConfig(method="mtt", **SMALL), DistillConfig(method="mct", **SMALL)]
+    table = compare_methods(digits8, configs, [0], store_full, None, EVAL, tmp_path / "shared")
+    # one cached initial evaluation for the two methods of the seed
+    assert len(list((tmp_path / "shared" / "baselines").glob("*initial_images*.json"))) == 1
+    alone = distill(configs[0], store_full, digits8, EVAL, progress=False)
+    shared = table.runs[("MTT", 0)]
+    assert shared.evals == alone.evals and torch.equal(shared.images, alone.images)
+    assert table.runs[("MCT", 0)].evals[0] == alone.evals[0]
