@@ -57,8 +57,9 @@ def test_gain_pairs_each_run_with_its_own_start():
 
 
 def _comparison(diverging=False, runaway=False):
+    # a loss above 1 matches worse than a student that does not move; 1.2 at the start is not a divergence
     row = {"label": "MTT", "seed": 0, "status": "diverged" if diverging else "computed",
-           "first_loss": 1.0, "final_loss": 2.0 if runaway else 0.5}
+           "first_loss": 1.2, "final_loss": 1.05 if runaway else 0.95}
     return Comparison([row, {**row, "label": "MCT", "status": "computed", "final_loss": 0.5}])
 
 
