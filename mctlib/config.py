@@ -134,7 +134,8 @@ class ExpertConfig(_Config):
         self._range("batch_size", 1)
         self._choice("record", RECORD_KINDS)
         self._choice("beta_schedule", BETA_SCHEDULES)
-        self._range("num_waypoints", 2, self.epochs + 1)
+        if self.record == "convex":  # K applies to convexified records only; a full buffer keeps every epoch
+            self._range("num_waypoints", 2, self.epochs + 1)
 
 
 @dataclass
@@ -184,6 +185,9 @@ class DistillConfig(_Config):
         self._range("iterations", 0)
         self._range("eval_every", 0)
         self._range("checkpoint_every", 1)
+        if any(i > self.iterations for i in self.eval_at):
+            _fail("DistillConfig", "eval_at", list(self.eval_at),
+                  f"iterations beyond iterations = {self.iterations} are never reached")
         if self.method == "mtt" and self.sampling == "continuous":
             _fail("DistillConfig", "sampling", self.sampling,
                   "continuous tau needs the convexified record (method 'mct'); a full buffer has only integer epochs")

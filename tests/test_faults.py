@@ -36,7 +36,7 @@ NET_FLAGS = ["--net-width", "16", "--net-depth", "2"]
 KILLER = r'''
 import os, signal, sys
 
-import mctlib.distill, mctlib.experts
+import mctlib.rundir, mctlib.experts
 
 mode, n = sys.argv[1], int(sys.argv[2])
 calls = {"n": 0}
@@ -47,7 +47,7 @@ def die():
 
 
 if mode == "checkpoint-half":
-    real_write, real_fdopen = mctlib.distill.atomic_write_bytes, os.fdopen
+    real_write, real_fdopen = mctlib.rundir.atomic_write_bytes, os.fdopen
 
     class HalfWriter:  # the file object atomic_write_bytes writes through: half the bytes reach disk
         def __init__(self, f):
@@ -69,7 +69,7 @@ if mode == "checkpoint-half":
                 os.fdopen = lambda fd, *a, **k: HalfWriter(real_fdopen(fd, *a, **k))
         return real_write(path, data)
 
-    mctlib.distill.atomic_write_bytes = write
+    mctlib.rundir.atomic_write_bytes = write
 elif mode == "expert-trained":
     real_accuracy = mctlib.experts.accuracy
 
