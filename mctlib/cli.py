@@ -46,13 +46,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if not (0 < value <= FLOAT32_MAX):
-        raise ValueError(text)  # argparse turns it into "invalid _seconds value"; named below
+    """--dist-timeout: seconds, positive and at most 1e9 (about 30 years: what a timedelta holds, and more)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1e9:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds in (0, 1e9]")
     return value
-
-
-_seconds.__name__ = "positive, finite number of seconds:"
 
 
 def _parse_optional(kind):
@@ -431,6 +432,10 @@ def _experts(args, parser) -> int:
         else:
             store = make_experts(data, c["net"], c["expert"], out, device=device, progress=not args.no_progress,
                                  ensemble_size=args.ensemble_size, precision=args.precision)
+    except FloatingPointError as err:  # the training loop's words, with the flag that sets its step size
+        lr = c["expert"].lr
+        raise FloatingPointError(f"expert {str(err).split(';')[0]}; lower --lr (now {lr:g}), e.g. "
+                                 f"{float(f'{lr / 10:.3g}'):g}") from err
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)

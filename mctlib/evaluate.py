@@ -73,7 +73,6 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, lr: float, datase
 
 def _train_and_test(images: torch.Tensor, labels: torch.Tensor, lr: float, dataset: Dataset, net: NetConfig,
                     cfg: EvalConfig, device, progress, share) -> list[EvalResult]:
-    device = resolve_device(device)
     images, labels = images.detach().to(device), labels.to(device)
     test_x, test_y = dataset.test_images.to(device), dataset.test_labels.to(device)
     augment = make_augment(cfg.dsa)
