@@ -141,7 +141,33 @@ def build_configs(args: argparse.Namespace, sections: list[str], primary: str,
             parser.error(message)
     for s, cfg in configs.items():
         _check_values(cfg, s, primary, parser)
+    if "net" in configs:
+        _check_net_size(configs["net"], primary, parser)
     return configs
+
+
+def _check_net_size(net: NetConfig, primary: str, parser) -> None:
+    """A network whose parameters alone exceed this machine's memory, refused before it is built (its
+    shape is worked out on torch's meta device, which allocates nothing)."""
+    import os
+
+    import torch
+
+    from .networks import build_network
+
+    flags = ", ".join(_flag_for("net", f, primary) for f in ("width", "depth"))
+    try:
+        with torch.device("meta"):
+            numel = sum(p.numel() for p in build_network(net).parameters())
+    except RuntimeError as err:  # sizes whose product overflows 64 bits
+        parser.error(f"the network's size cannot even be computed ({str(err).splitlines()[0]}); lower {flags}")
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: nothing to compare against
+        return
+    if 4 * numel > memory:
+        parser.error(f"the network has {numel:.3g} parameters ({4 * numel / 2**30:.3g} GiB), more than this "
+                     f"machine's {memory / 2**30:.3g} GiB of memory; lower {flags}")
 
 
 def _check_values(cfg, section: str, primary: str, parser) -> None:
@@ -152,6 +178,8 @@ def _check_values(cfg, section: str, primary: str, parser) -> None:
         if isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
             parser.error(f"{flag} {value:g} is beyond what float32 holds (at most {FLOAT32_MAX:.3g}); give a "
                          "smaller value")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2 ** 63:
+            parser.error(f"{flag} {value} is beyond what a 64-bit integer holds; give a smaller value")
         if f.name == "seed" and not 0 <= value < 2 ** 63:
             parser.error(f"{flag} {value} must be a non-negative integer below 2**63")
         if f.name == "image_size" and value is not None and value > MAX_IMAGE_SIZE:
@@ -287,6 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as err:  # the file system refused (permissions, a full disk): its own message names the path
         print(f"mctlib {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and "out of memory" not in str(err) and "can't allocate" not in str(err):
+            raise
+        size = re.search(r"allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", str(err))
+        print(f"mctlib {args.command}: error: out of memory{' (tried to allocate ' + size.group(1) + ')' if size else ''}"
+              "; use smaller sizes (--ipc, --batch-size, --ensemble-size, --net-width, --eval-batch-size) or a "
+              "device with more memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         hint = "; `--resume` continues from its last checkpoint" if args.command == "distill" else ""

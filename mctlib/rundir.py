@@ -327,7 +327,7 @@ class RunFolder:
     def __init__(self, path: str | Path | None, writes: bool = True) -> None:
         self.path = Path(path) if path is not None else None
         self.writes = writes and self.path is not None
-        self._lock = None
+        self._lock, self._created = None, False
 
     @classmethod
     def open(cls, path: str | Path | None, resume: bool = False, writes: bool = True) -> "RunFolder":
@@ -344,6 +344,7 @@ class RunFolder:
         try:
             check_out(folder.path, "run", resume)
             if folder.writes:
+                folder._created = not folder.path.exists()
                 folder.path.mkdir(exist_ok=True)
                 remove_leftovers(folder.path)
         except BaseException:
@@ -352,6 +353,9 @@ class RunFolder:
         return folder
 
     def close(self) -> None:
+        """Release the folder; one this run created and left empty (it stopped before writing) is removed."""
+        if self._created and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
         if self._lock is not None:
             self._lock.__exit__(None, None, None)
             self._lock = None

@@ -498,6 +498,11 @@ def test_one_writer_per_store_folder(tmp_path):
     (["distill", "--store", "FILE"], ["is a file, not a trajectory store"]),
     (["experts", "--out", "RUN"], ["holds a run, not a trajectory store"]),
     (["evaluate", "--baseline", "full", "--out", "RUN"], ["holds a run"]),
+    (["distill", "--iterations", "99999999999999999999999"], ["--iterations", "64-bit"]),
+    (["experts", "--num-experts", "99999999999999999999999"], ["--num-experts", "64-bit"]),
+    (["experts", "--net-width", "100000"], ["parameters", "GiB", "--net-width"]),
+    (["evaluate", "--baseline", "full", "--net-width", "1000000000"], ["cannot even be computed", "--net-width"]),
+    (["distill", "--ipc", "1000"], ["IPC 1000 is impossible"]),      # found once the data is loaded: no folder left
 ], ids=lambda x: " ".join(x) if isinstance(x, list) and x[0] in ("experts", "distill", "evaluate") else "")
 def test_a_bad_value_is_one_line_before_anything_is_created(store, run_dir, tmp_path, argv, words):
     """Before: tracebacks (float32 overflow, huge image sizes), words that named no flag or the wrong one, values
@@ -564,3 +569,18 @@ def test_torchrun_experts_equal_one_process_at_the_same_threads_per_process(tmp_
     threads = [json.loads((tmp_path / d / "manifest.json").read_text())["versions"]["cpu_threads"]
                for d in ("one", "two")]
     assert threads == [2, 2]
+
+
+def test_running_out_of_memory_is_one_line_naming_the_sizes(tmp_path, monkeypatch):
+    """Sizes that pass every check but do not fit (a wide network trained as a big ensemble, say) end in one
+    line instead of the allocator's traceback. The allocator's own error is raised where training starts."""
+    import mctlib.experts
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 36000000000 bytes. Error code 12")
+
+    monkeypatch.setattr(mctlib.experts, "make_experts", no_memory)
+    _only_error(_mctlib(*_experts(tmp_path / "e")), "experts", "out of memory (tried to allocate 36000000000 bytes)",
+                "--net-width")
+    assert not (tmp_path / "e").exists()
