@@ -2,9 +2,9 @@
 
 Each iteration samples an expert and a window (tau_start, tau_target) on its trajectory, runs
 the student from theta(tau_start) for syn_steps steps on S, and takes one SGD-momentum step on
-S and alpha against the matching loss. The run directory holds its config, seed and versions,
-a metrics JSON, the best and final synthetic sets, and a single-file checkpoint written
-atomically, from which `resume=True` continues to the same result as an uninterrupted run.
+S and alpha against the matching loss. What the run leaves on disk (config, metrics, the best and
+final synthetic sets, the checkpoint from which `resume=True` continues to the same result as an
+uninterrupted run) and its checks live in `rundir.py`; this module is the algorithm.
 """
 
 from __future__ import annotations

@@ -61,7 +61,9 @@ _HELD: dict[Path, list] = {}   # folder -> [fd, lock file, depth]: a process may
 
 class folder_lock:
     """Exclusive lock on an output folder, held in `.NAME.lock` beside it (so nothing is created in the
-    folder itself): the holder's PID and host are written in it for the message a second writer gets."""
+    folder itself before its command writes it): the holder's PID and host are written in it for the
+    message a second writer gets. The file is removed on release; one left by a killed holder is not
+    locked (the kernel drops an flock with its process), so it blocks nothing."""
 
     def __init__(self, path: str | Path, flag: str = "--out") -> None:
         self.path, self.flag = Path(path).absolute(), flag
@@ -72,6 +74,8 @@ class folder_lock:
             held[2] += 1
             return self
         lock = self.path.parent / f".{self.path.name}.lock"
+        if not os.access(self.path.parent, os.W_OK) and self.path.is_dir():
+            lock = self.path / ".mctlib.lock"   # a writable folder in a read-only parent: every writer decides alike
         while True:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
             try:
@@ -117,6 +121,9 @@ def folder_kind(path: str | Path) -> str | None:
     return None
 
 
+_KINDS = {"store": "a trajectory store", "run": "a run", "evaluation": "an evaluation"}
+
+
 def check_out(path: str | Path, wants: str, resume: bool = False) -> None:
     """Refuse an --out that holds another kind of output than the command writes, or its own kind
     already (a run is continued only with `resume`). `wants`: "store", "run" or "evaluation"."""
@@ -127,14 +134,12 @@ def check_out(path: str | Path, wants: str, resume: bool = False) -> None:
                                   "to start)")
         return
     if kind != wants:
-        raise CheckpointError(f"--out {path} holds a {'trajectory store' if kind == 'store' else kind}, not a "
-                              f"{'trajectory store' if wants == 'store' else wants}; choose another folder")
+        raise CheckpointError(f"--out {path} holds {_KINDS[kind]}, not {_KINDS[wants]}; choose another folder")
     if wants == "run" and not resume:
         raise CheckpointError(f"--out {path} already holds a run; pass --resume to continue it or choose another "
                               "folder")
     if wants != "run":
-        raise CheckpointError(f"--out {path} already holds a {'trajectory store' if kind == 'store' else kind}; "
-                              "choose another folder")
+        raise CheckpointError(f"--out {path} already holds {_KINDS[kind]}; choose another folder")
 
 
 # ------------------------------------------------------------------ canonical files
