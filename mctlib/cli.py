@@ -576,7 +576,7 @@ def _settings_of_set(args, c: dict, synthetic, sp) -> dict:
     """A synthetic set is evaluated on the network and data it was distilled for, which its checksummed
     file holds, unless --preset or --config say otherwise. A config.json beside it that disagrees is
     refused: one of the two was altered."""
-    from .rundir import CONFIG, config_differences
+    from .rundir import CONFIG, config_differences, listed
 
     settings = synthetic.settings
     beside = Path(args.synthetic).parent / CONFIG
@@ -590,7 +590,7 @@ def _settings_of_set(args, c: dict, synthetic, sp) -> dict:
             diff = [f"unreadable ({err})"]
         if diff:
             sp.error(f"{beside} disagrees with the settings {args.synthetic} was distilled with "
-                     f"({'; '.join(diff[:3])}); restore config.json or evaluate a copy of the set on its own")
+                     f"({listed(diff)}); restore config.json or evaluate a copy of the set on its own")
     if args.preset or args.config:
         return c
     explicit = {k.split(".", 1)[1] for k in vars(args) if k.startswith(("net.", "data."))} - {"root", "download"}

@@ -175,8 +175,19 @@ def config_differences(saved: dict, now: dict, ignore=(), left: str = "checkpoin
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, ignore, left, right, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key}: {left} {a!r} vs {right} {b!r}")
+            out.append(f"{prefix}{key}: {left} {_short(a)} vs {right} {_short(b)}")
     return out
+
+
+def _short(value, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def listed(differences: list[str], most: int = 4) -> str:
+    """The first `most` differences, and how many more: one line however far two configs are apart."""
+    more = len(differences) - most
+    return "; ".join(differences[:most]) + (f"; and {more} more" if more > 0 else "")
 
 
 _RESUME_IGNORES = RESUMABLE_CHANGES | {f"distill.{name}" for name in STEP_SIZE_CHANGES}
@@ -230,7 +241,7 @@ def load_checkpoint(run_dir: Path, config: dict) -> Checkpoint:
     saved.setdefault("compute", LEGACY_COMPUTE)
     diff = config_differences(saved, config, _RESUME_IGNORES)
     if diff:
-        raise CheckpointError(f"{path} belongs to a run with another configuration: {'; '.join(diff)}; "
+        raise CheckpointError(f"{path} belongs to a run with another configuration: {listed(diff)}; "
                               "resume with the same settings or choose another --out")
     expected = images_shape(config)
     for name in ("images", "img_velocity"):
@@ -247,9 +258,13 @@ def check_started_config(run_dir: Path, config: dict) -> None:
         on_disk = json.loads((run_dir / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{run_dir / CONFIG} is corrupt ({err}); choose another --out") from err
+    missing = sorted(set(config) - set(on_disk)) if isinstance(on_disk, dict) else sorted(config)
+    if missing:
+        raise CheckpointError(f"{run_dir / CONFIG} is not a run's config (it lacks {', '.join(missing)}); it was "
+                              "edited or damaged: choose another --out")
     diff = config_differences({k: on_disk.get(k) for k in config}, config, _RESUME_IGNORES, left="config.json")
     if diff:
-        raise CheckpointError(f"{run_dir} holds the start of a run with another configuration: {'; '.join(diff)}; "
+        raise CheckpointError(f"{run_dir} holds the start of a run with another configuration: {listed(diff)}; "
                               "resume with the same settings or choose another --out")
 
 

@@ -584,3 +584,27 @@ def test_running_out_of_memory_is_one_line_naming_the_sizes(tmp_path, monkeypatc
     _only_error(_mctlib(*_experts(tmp_path / "e")), "experts", "out of memory (tried to allocate 36000000000 bytes)",
                 "--net-width")
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("content, words", [
+    ("[]", "is not a run's config (it lacks compute, dataset"),
+    ('{"net": 5}', "is not a run's config (it lacks compute, dataset, distill, eval, store)"),
+    ("\xff", "is corrupt"),
+])
+def test_a_damaged_config_json_of_a_started_run_is_one_line(store, tmp_path, content, words):
+    """A run stopped before its first checkpoint leaves config.json alone; damaged, it gave a traceback
+    (a list) or a line of several hundred characters (every missing section printed whole)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(content, encoding="latin-1")
+    line = _only_error(_mctlib(*_distill(store, out, "--resume")), "distill", words)
+    assert len(line) < 300
+
+
+def test_a_checkpoint_of_another_configuration_lists_a_few_differences_and_counts_the_rest(run_dir, store, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    done = _mctlib(*_distill(store, copy, *SMALL_RUN, "--resume", "--syn-steps", "3", "--ipc", "2", "--seed", "4",
+                             "--momentum", "0.4", "--lr-teacher", "0.02", "--eval-epochs", "2"))
+    line = _only_error(done, "distill", "distill.ipc: checkpoint 1 vs now 2", "and 2 more")
+    assert len(line) < 400
