@@ -484,6 +484,7 @@ def test_one_writer_per_store_folder(tmp_path):
     (["evaluate", "--baseline", "full", "--weight-decay", "1e300"], ["--weight-decay", "float32"]),
     (["distill", "--eval-weight-decay", "1e300"], ["--eval-weight-decay", "float32"]),
     (["experts", "--data-image-size", "1000000000"], ["--data-image-size", "at most 1024"]),
+    (["experts", "--lr", "1e4"], ["expert training diverged at epoch", "lower --lr (now 10000), e.g. 1000"]),
     (["distill", "--lr-teacher", "1e300"], ["--lr-teacher", "float32"]),
     (["distill", "--seed", "-1"], ["--seed -1"]),
     (["experts", "--seed", "-1"], ["--seed -1"]),
