@@ -324,7 +324,9 @@ def read_synthetic(path: str | Path) -> SyntheticSet:
     images, labels = tensors["images"], tensors["labels"]
     d, ipc = settings["dataset"], settings["ipc"]
     want = (ipc * d["num_classes"], d["channels"], *d["image_size"])
-    counts = torch.bincount(labels.long(), minlength=d["num_classes"]).tolist() if labels.dim() == 1 else None
+    integer = labels.dim() == 1 and not labels.is_floating_point() and labels.numel() > 0
+    counts = (torch.bincount(labels.long(), minlength=d["num_classes"]).tolist()
+              if integer and int(labels.min()) >= 0 else None)
     if tuple(images.shape) != want or counts != [ipc] * d["num_classes"]:
         # Unreachable through a matching checksum unless the writer was wrong: said plainly all the same.
         raise SyntheticSetError(f"{path} holds images {tuple(images.shape)} with labels per class {counts}; its "
