@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from .config import DataConfig, DistillConfig, EvalConfig, ExpertConfig, get_preset, presets
@@ -24,13 +26,34 @@ SECTIONS = {"data": DataConfig, "net": NetConfig, "expert": ExpertConfig, "disti
 FLAG_PREFIX = {"data": "data-", "net": "net-", "expert": "expert-", "distill": "", "eval": "eval-"}
 
 
+# The largest finite float32: every float setting becomes a float32 tensor somewhere.
+FLOAT32_MAX = 3.4028234663852886e38
+# Images are resized to at most this many pixels a side (Tiny ImageNet, the largest preset, has 64).
+MAX_IMAGE_SIZE = 1024
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse reads "-1e-7" as a flag (its negative-number pattern has no exponent); this one reads
-    every negative number as a value. Subcommand parsers are made of the same class."""
+    every negative number as a value, and reports a bad value in one line with a pointer to --help
+    (no usage block). Subcommand parsers are made of the same class."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.I)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _seconds(text: str) -> float:
+    """--dist-timeout: seconds, positive and at most 1e9 (about 30 years: what a timedelta holds, and more)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1e9:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds in (0, 1e9]")
+    return value
 
 
 def _parse_optional(kind):
@@ -86,11 +109,15 @@ def build_configs(args: argparse.Namespace, sections: list[str], primary: str,
         for s in SECTIONS:
             values[s] = getattr(p, s).to_dict()
     config_file = getattr(args, "config", None)
+    args.config_values = {}
     if config_file:
         try:
             loaded = json.loads(Path(config_file).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
             parser.error(f"--config {config_file}: cannot read JSON ({err})")
+        if not isinstance(loaded, dict) or not all(isinstance(d, dict) for d in loaded.values()):
+            parser.error(f"--config {config_file}: expected an object of sections, each an object of settings")
+        args.config_values = loaded
         for s, d in loaded.items():
             if s not in SECTIONS:
                 parser.error(f"--config {config_file}: unknown section {s!r}; sections: {sorted(SECTIONS)}")
@@ -112,19 +139,63 @@ def build_configs(args: argparse.Namespace, sections: list[str], primary: str,
                 sec = next(k for k, v in SECTIONS.items() if v.__name__ == match.group(1))
                 message = f"{_flag_for(sec, match.group(2), primary)}: {message}"
             parser.error(message)
+    for s, cfg in configs.items():
+        _check_values(cfg, s, primary, parser)
+    if "net" in configs:
+        _check_net_size(configs["net"], primary, parser)
     return configs
+
+
+def _check_net_size(net: NetConfig, primary: str, parser) -> None:
+    """A network whose parameters alone exceed this machine's memory, refused before it is built (its
+    shape is worked out on torch's meta device, which allocates nothing)."""
+    import os
+
+    import torch
+
+    from .networks import build_network
+
+    flags = ", ".join(_flag_for("net", f, primary) for f in ("width", "depth"))
+    try:
+        with torch.device("meta"):
+            numel = sum(p.numel() for p in build_network(net).parameters())
+    except RuntimeError as err:  # sizes whose product overflows 64 bits
+        parser.error(f"the network's size cannot even be computed ({str(err).splitlines()[0]}); lower {flags}")
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: nothing to compare against
+        return
+    if 4 * numel > memory:
+        parser.error(f"the network has {numel:.3g} parameters ({4 * numel / 2**30:.3g} GiB), more than this "
+                     f"machine's {memory / 2**30:.3g} GiB of memory; lower {flags}")
+
+
+def _check_values(cfg, section: str, primary: str, parser) -> None:
+    """What the configs' own ranges leave open and the engine cannot take: floats beyond float32, seeds
+    outside [0, 2**63), image sizes beyond MAX_IMAGE_SIZE."""
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), _flag_for(section, f.name, primary)
+        if isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            parser.error(f"{flag} {value:g} is beyond what float32 holds (at most {FLOAT32_MAX:.3g}); give a "
+                         "smaller value")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2 ** 63:
+            parser.error(f"{flag} {value} is beyond what a 64-bit integer holds; give a smaller value")
+        if f.name == "seed" and not 0 <= value < 2 ** 63:
+            parser.error(f"{flag} {value} must be a non-negative integer below 2**63")
+        if f.name == "image_size" and value is not None and value > MAX_IMAGE_SIZE:
+            parser.error(f"{flag} {value} is larger than mctlib resizes images to (at most {MAX_IMAGE_SIZE} pixels "
+                         "a side)")
 
 
 def _fit_net_to_data(values: dict, args) -> None:
     """Without a preset, shape the network to the dataset (channels, classes, image size)."""
-    from .data import DATASETS
+    from .data import DATASET_INFO
 
     name = values["data"].get("name", "digits")
-    shapes = {"digits": (1, 10, 16), "mnist": (1, 10, 28), "fashion_mnist": (1, 10, 28), "cifar10": (3, 10, 32),
-              "cifar100": (3, 100, 32), "svhn": (3, 10, 32), "tiny_imagenet": (3, 200, 64)}
-    if name in DATASETS and name in shapes:
-        channels, classes, size = shapes[name]
-        size = values["data"].get("image_size") or size
+    if name in DATASET_INFO:
+        info = DATASET_INFO[name]
+        channels, classes = info.channels, info.num_classes
+        size = values["data"].get("image_size") or info.image_size
         for field, value in (("channels", channels), ("num_classes", classes), ("image_size", size)):
             values["net"].setdefault(field, value)
 
@@ -137,9 +208,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="fp32 (default, no TF32), tf32 (CUDA tensor cores) or bf16 (autocast); recorded "
                              "with the device in the outputs, and checked by `mctlib check`")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--dist-backend", default="auto",
+    parser.add_argument("--dist-backend", default="auto", choices=("auto", "nccl", "gloo"),
                         help="under torchrun: auto (nccl on GPUs, gloo on CPUs), nccl, gloo")
-    parser.add_argument("--dist-timeout", type=float, default=None,
+    parser.add_argument("--dist-timeout", type=_seconds, default=None,
                         help="under torchrun: seconds a rank waits for the others before stopping (default "
                              "$MCTLIB_DIST_TIMEOUT or 1800)")
 
@@ -178,8 +249,9 @@ def make_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--synthetic", help="synthetic_best/final.safetensors from a distill run")
     source.add_argument("--baseline", choices=("random_real", "full"), help="evaluate a baseline instead")
-    p.add_argument("--ipc", type=int, default=10, help="images per class of the random_real baseline")
-    p.add_argument("--lr", type=float, default=0.01, help="lr for the baselines (a synthetic set uses its alpha)")
+    p.add_argument("--ipc", type=int, default=None, help="images per class of the random_real baseline (default 10)")
+    p.add_argument("--lr", type=float, default=None, help="lr for the baselines (default 0.01; a synthetic set "
+                   "trains with its learned alpha)")
     p.add_argument("--out", required=True, help="folder for metrics.json")
     for s in ("eval", "data", "net"):
         _add_section(p, s, s == "eval")
@@ -214,14 +286,35 @@ def main(argv: list[str] | None = None) -> int:
                   f"max_start {d.max_start_epoch:g} lr_img {d.lr_img:g} lr_lr {d.lr_lr:g}  {p.note}")
         return 0
     command = {"experts": _experts, "convexify": _convexify, "distill": _distill, "evaluate": _evaluate}[args.command]
+    if args.command != "convexify":  # checked with or without torchrun, as every other value
+        from .distributed import DistributedError, timeout_seconds
+
+        try:
+            timeout_seconds(args.dist_timeout)
+        except DistributedError as err:
+            _subparser(parser, args.command).error(f"--dist-timeout: {err}")
+
+    def note(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"mctlib {args.command}: note: {message}", file=sys.stderr)
+
     try:
-        args.group = _join_ranks(args)
-        return command(args, parser)
+        with warnings.catch_warnings():
+            warnings.showwarning = note   # a notice is one line of the command's output, not a source line
+            args.group = _join_ranks(args)
+            return command(args, parser)
     except _user_errors() as err:  # a problem with the user's files or data: its message says what to do
         print(f"mctlib {args.command}: error: {err}{_continue_hint(args, err)}", file=sys.stderr)
         return 1
     except OSError as err:  # the file system refused (permissions, a full disk): its own message names the path
         print(f"mctlib {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and "out of memory" not in str(err) and "can't allocate" not in str(err):
+            raise
+        size = re.search(r"allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", str(err))
+        print(f"mctlib {args.command}: error: out of memory{' (tried to allocate ' + size.group(1) + ')' if size else ''}"
+              "; use smaller sizes (--ipc, --batch-size, --ensemble-size, --net-width, --eval-batch-size) or a "
+              "device with more memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         hint = "; `--resume` continues from its last checkpoint" if args.command == "distill" else ""
@@ -266,11 +359,13 @@ def _join_ranks(args):
 def _user_errors() -> tuple[type[Exception], ...]:
     """The library's own errors, each raised with a message that names the fix."""
     from .data import DatasetError
-    from .distill import CheckpointError, DivergenceError
     from .distributed import DistributedError
+    from .rundir import CheckpointError, FolderBusyError, SyntheticSetError
     from .storage import DestinationError, StoreError
 
-    return StoreError, DatasetError, CheckpointError, DivergenceError, DestinationError, DistributedError
+    # FloatingPointError: a divergence (distill, evaluation, expert training), each naming the step size to lower.
+    return (StoreError, DatasetError, CheckpointError, FloatingPointError, DestinationError, DistributedError,
+            FolderBusyError, SyntheticSetError)
 
 
 def _device(args, sp):
@@ -286,6 +381,9 @@ def _device(args, sp):
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         sp.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA GPU(s); use cuda:0 .. "
                  f"cuda:{torch.cuda.device_count() - 1}, or --device cpu")
+    if args.precision == "tf32" and device.type != "cuda":
+        sp.error(f"--precision tf32 uses CUDA tensor cores; on {device.type} it would compute and record fp32 as "
+                 "tf32: use --precision fp32 (or bf16)")
     return device
 
 
@@ -305,10 +403,10 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 
 def _load_data(cfg: DataConfig, group=None):
-    from .data import load_dataset
+    from .data import load_data
 
     def load():
-        return load_dataset(cfg.name, root=cfg.root, download=cfg.download, image_size=cfg.image_size, zca=cfg.zca)
+        return load_data(cfg)
 
     if group is None:
         return load()
@@ -318,31 +416,57 @@ def _load_data(cfg: DataConfig, group=None):
     return data if data is not None else load()
 
 
+def _out_folder(args, sp, wants: str):
+    """--out checked (writable, not holding another kind of output) and locked: the writer's lock, taken
+    before anything is computed, so a second writer stops at once. Ranks other than 0 only check."""
+    from .rundir import CheckpointError, check_out, folder_lock
+
+    out = _destination(args, sp)
+    writer = args.group is None or args.group.writer
+    lock = folder_lock(out) if writer else None
+    if lock is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock.__enter__()
+    try:
+        check_out(out, wants, getattr(args, "resume", False))
+    except CheckpointError as err:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+        sp.error(str(err))
+    return out, lock
+
+
 def _experts(args, parser) -> int:
     sp = _subparser(parser, "experts")
     c = build_configs(args, ["expert", "data", "net"], "expert", sp)
     if args.ensemble_size < 1:
         sp.error(f"--ensemble-size {args.ensemble_size} must be >= 1 (experts trained at once)")
-    out = _destination(args, sp)  # before training: a folder that cannot be written would lose it all
-    if (out / "manifest.json").exists():
-        sp.error(f"--out {out} already holds a trajectory store; choose another folder")
-    from .experts import make_experts
-
     device = _device(args, sp) if args.group is None else args.group.device
-    data = _load_data(c["data"], args.group)
-    _check_net_data(sp, c["net"], data)
-    if args.group is not None:
-        if args.precision != "fp32":  # distributed experts train in fp32 (their manifest records so)
-            sp.error(f"--precision {args.precision} is not available for experts on torchrun ranks; use fp32")
-        from .distributed import make_experts as make_experts_on_ranks
+    if args.group is not None and args.precision != "fp32":  # distributed experts train in fp32 (their manifest says so)
+        sp.error(f"--precision {args.precision} is not available for experts on torchrun ranks; use fp32")
+    out, lock = _out_folder(args, sp, "store")  # before training: a folder that cannot be written would lose it all
+    try:
+        from .experts import make_experts
 
-        store = make_experts_on_ranks(data, c["net"], c["expert"], out, args.group, args.ensemble_size,
-                                      progress=not args.no_progress and args.group.writer)
-        if not args.group.writer:
-            return 0
-    else:
-        store = make_experts(data, c["net"], c["expert"], out, device=device, progress=not args.no_progress,
-                             ensemble_size=args.ensemble_size, precision=args.precision)
+        data = _load_data(c["data"], args.group)
+        _check_net_data(sp, c["net"], data)
+        if args.group is not None:
+            from .distributed import make_experts as make_experts_on_ranks
+
+            store = make_experts_on_ranks(data, c["net"], c["expert"], out, args.group, args.ensemble_size,
+                                          progress=not args.no_progress and args.group.writer)
+            if not args.group.writer:
+                return 0
+        else:
+            store = make_experts(data, c["net"], c["expert"], out, device=device, progress=not args.no_progress,
+                                 ensemble_size=args.ensemble_size, precision=args.precision)
+    except FloatingPointError as err:  # the training loop's words, with the flag that sets its step size
+        lr = c["expert"].lr
+        raise FloatingPointError(f"expert {str(err).split(';')[0]}; lower --lr (now {lr:g}), e.g. "
+                                 f"{float(f'{lr / 10:.3g}'):g}") from err
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
     stats = store.manifest["stats"]
     acc = stats["test_accuracy"]
     print(f"{len(acc)} experts ({store.kind} records) in {stats['seconds']:.1f}s, test accuracy "
@@ -361,47 +485,59 @@ def _convexify(args, parser) -> int:
     from .storage import load_store, save_convexified
 
     sp = _subparser(parser, "convexify")
+    args.group = None
     _destination(args, sp)
     store = load_store(args.store)
     if store.kind != "full":
         sp.error(f"--store {args.store} holds {store.kind} records; convexify needs full buffers")
     if not 2 <= args.num_waypoints <= store.records[0].epochs + 1:
         sp.error(f"--num-waypoints {args.num_waypoints} must lie in [2, {store.records[0].epochs + 1}]")
-    if (Path(args.out) / "manifest.json").exists():
-        sp.error(f"--out {args.out} already holds a trajectory store; choose another folder")
-    save_convexified(store, args.out, args.num_waypoints, args.beta_schedule, args.smooth, args.store_theta0)
-    new = load_store(args.out)
+    out, lock = _out_folder(args, sp, "store")
+    try:
+        save_convexified(store, out, args.num_waypoints, args.beta_schedule, args.smooth, args.store_theta0)
+    finally:
+        lock.__exit__(None, None, None)
+    new = load_store(out)
     print(f"{len(store.records)} experts: {store.bytes_per_expert / 1e6:.3f} MB -> {new.bytes_per_expert / 1e6:.3f} MB "
-          f"per expert ({store.bytes_per_expert / new.bytes_per_expert:.1f}x smaller) -> {args.out}")
+          f"per expert ({store.bytes_per_expert / new.bytes_per_expert:.1f}x smaller) -> {out}")
     return 0
 
 
 def _distill(args, parser) -> int:
+    """Each thing checked once, on the way in: values (build_configs), --out, the device, the store's
+    manifest and files (load_store), then the folder (locked, run or not); the library checks the
+    store against the data and the method (distill._check_store)."""
     sp = _subparser(parser, "distill")
     c = build_configs(args, ["distill", "eval", "data"], "distill", sp)
     from .distill import distill
+    from .rundir import CheckpointError, RunFolder
     from .storage import StoreError, load_store
 
     out = _destination(args, sp)
-    device = _device(args, sp)
-    if (out / "config.json").exists() and not args.resume:
-        sp.error(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
-    data = _load_data(c["data"], args.group)
+    device = _device(args, sp) if args.group is None else args.group.device
+    if out.resolve() == Path(args.store).resolve():
+        sp.error(f"--out {out} is the store (--store {args.store}); give the run a folder of its own")
     try:
-        store = load_store(args.store, dataset=data.describe())
+        store = load_store(args.store)
     except StoreError as err:
         sp.error(str(err))
     _check_store_net(args, store, sp)
+    try:  # locked by the writer, then checked: of two runs started together, one runs and one is refused
+        folder = RunFolder.open(out, args.resume, writes=args.group is None or args.group.writer)
+    except CheckpointError as err:
+        sp.error(str(err))
     try:
-        result = distill(c["distill"], store, data, c["eval"], out, resume=args.resume,
-                         device=device if args.group is None else None, progress=not args.no_progress,
-                         run_info={"command": sys.argv, "preset": args.preset}, group=args.group,
-                         precision=args.precision)
+        data = _load_data(c["data"], args.group)
+        result = distill(c["distill"], store, data, c["eval"], folder, resume=args.resume, device=device,
+                         progress=not args.no_progress, run_info={"command": sys.argv, "preset": args.preset},
+                         group=args.group, precision=args.precision)
     except ValueError as err:
         sp.error(str(err))
+    finally:
+        folder.close()
     if args.group is not None and not args.group.writer:
         return 0
-    for change in json.loads((out / "metrics.json").read_text()).get("step_size_changes", []):
+    for change in result.step_size_changes:
         print(f"{change['field']} {change['from']:g} -> {change['to']:g} from iteration {change['iteration']} "
               "(recorded in metrics.json)")
     if result.best:
@@ -415,12 +551,11 @@ def _check_store_net(args, store, sp) -> None:
     """distill uses the store's network. A --config file that sets another is refused; a preset whose
     network differs gets one line saying which is used."""
     stored = store.net.to_dict()
-    if args.config:
-        asked = json.loads(Path(args.config).read_text()).get("net") or {}
-        diff = [f"{k}: --config {v!r} vs store {stored.get(k)!r}" for k, v in asked.items() if stored.get(k) != v]
-        if diff:
-            sp.error(f"--store {store.path} was recorded with another network than --config {args.config} sets "
-                     f"({'; '.join(diff)}); distill uses the store's, so drop the net section or use another store")
+    asked = args.config_values.get("net") or {}
+    diff = [f"{k}: --config {v!r} vs store {stored.get(k)!r}" for k, v in asked.items() if stored.get(k) != v]
+    if diff:
+        sp.error(f"--store {store.path} was recorded with another network than --config {args.config} sets "
+                 f"({'; '.join(diff)}); distill uses the store's, so drop the net section or use another store")
     if args.preset:
         preset_net = get_preset(args.preset).net.to_dict()
         diff = [f"{k} {stored[k]!r} (preset {preset_net[k]!r})" for k in stored if preset_net.get(k) != stored[k]]
@@ -429,73 +564,96 @@ def _check_store_net(args, store, sp) -> None:
                   "the store's network is used", file=sys.stderr)
 
 
-def _settings_of_run(args, c: dict, sp) -> dict:
-    """A synthetic set is evaluated on the network and data of the run that made it (its config.json),
-    unless --preset or --config say otherwise."""
-    config_file = Path(args.synthetic).parent / "config.json"
-    if args.preset or args.config or not config_file.exists():
+def _settings_of_set(args, c: dict, synthetic, sp) -> dict:
+    """A synthetic set is evaluated on the network and data it was distilled for, which its checksummed
+    file holds, unless --preset or --config say otherwise. A config.json beside it that disagrees is
+    refused: one of the two was altered."""
+    from .rundir import CONFIG, config_differences, listed
+
+    settings = synthetic.settings
+    beside = Path(args.synthetic).parent / CONFIG
+    if beside.exists():
+        try:
+            run = json.loads(beside.read_text())
+            diff = config_differences({"net": run.get("net"), "dataset": run.get("dataset")},
+                                      {"net": settings["net"], "dataset": settings["dataset"]},
+                                      left="config.json", right="synthetic set")
+        except (OSError, ValueError, AttributeError) as err:
+            diff = [f"unreadable ({err})"]
+        if diff:
+            sp.error(f"{beside} disagrees with the settings {args.synthetic} was distilled with "
+                     f"({listed(diff)}); restore config.json or evaluate a copy of the set on its own")
+    if args.preset or args.config:
         return c
-    try:
-        run = json.loads(config_file.read_text())
-        NetConfig.from_dict(run["net"]), run["dataset"]["image_size"][0]
-    except (OSError, ValueError, TypeError, KeyError, IndexError) as err:
-        sp.error(f"{config_file} (the run beside --synthetic) is unreadable or damaged ({err!r}); pass --preset or "
-                 "--config to say which network and data to evaluate on")
-    explicit = {k.split(".", 1)[1] for k in vars(args) if k.startswith(("net.", "data."))}
+    explicit = {k.split(".", 1)[1] for k in vars(args) if k.startswith(("net.", "data."))} - {"root", "download"}
     if explicit:
-        sp.error(f"{args.synthetic} comes with {config_file}; its network and data are used, so drop "
-                 f"{sorted(explicit)} (or pass --preset/--config to override the run's settings)")
-    data = run["dataset"]
-    return {**c, "net": NetConfig.from_dict(run["net"]),
-            "data": DataConfig(name=data["name"], image_size=data["image_size"][0], zca=data["zca"])}
+        sp.error(f"{args.synthetic} holds the network and data it was distilled for; they are used, so drop "
+                 f"{sorted(explicit)} (or pass --preset/--config to override them)")
+    data = settings["dataset"]
+    return {**c, "net": NetConfig.from_dict(settings["net"]),
+            "data": c["data"].replace(name=data["name"], image_size=data["image_size"][0], zca=data["zca"])}
 
 
 def _evaluate(args, parser) -> int:
     sp = _subparser(parser, "evaluate")
     c = build_configs(args, ["eval", "data", "net"], "eval", sp)
-    import math
-
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        sp.error(f"--lr {args.lr} must be a finite number > 0 (the baselines' learning rate)")
-    if args.ipc < 1:
-        sp.error(f"--ipc {args.ipc} must be >= 1 (images per class of the random_real baseline)")
-    out = _destination(args, sp)
+    if args.synthetic and (args.lr is not None or args.ipc is not None):
+        sp.error(f"{'--lr' if args.lr is not None else '--ipc'} is for the baselines; a synthetic set trains with "
+                 "its own learned lr alpha and images: drop it")
+    lr, ipc = args.lr if args.lr is not None else 0.01, args.ipc if args.ipc is not None else 10
+    if not (math.isfinite(lr) and 0 < lr <= FLOAT32_MAX):
+        sp.error(f"--lr {lr} must be a finite number > 0 that float32 holds (the baselines' learning rate)")
+    if ipc < 1:
+        sp.error(f"--ipc {ipc} must be >= 1 (images per class of the random_real baseline)")
     device = _device(args, sp) if args.group is None else args.group.device
     share = args.group
     from .device import compute_identity, versions
-    from .distill import load_synthetic
-    from .evaluate import evaluate_synthetic, full_data_baseline, random_real_baseline
+    from .evaluate import EvaluationDivergedError, evaluate_synthetic, full_data_baseline, random_real_baseline
+    from .rundir import SyntheticSetError, read_synthetic
     from .storage import atomic_write_json
 
     if args.synthetic:
-        c = _settings_of_run(args, c, sp)
-    if (out / "metrics.json").exists():
-        sp.error(f"--out {out} already holds metrics.json; choose another folder")
-    data = _load_data(c["data"], args.group)
-    _check_net_data(sp, c["net"], data)
-    try:  # each checks its training set (shape, labels, lr) before training anything
-        if args.synthetic:
-            images, labels, alpha = load_synthetic(args.synthetic)
-            results = evaluate_synthetic(images, labels, alpha, data, c["net"], c["eval"], device, share=share,
-                                         precision=args.precision)
-            source = {"synthetic": args.synthetic, "alpha": alpha}
-        elif args.baseline == "random_real":
-            results = random_real_baseline(data, args.ipc, c["net"], c["eval"], lr=args.lr, seed=c["eval"].seed,
-                                           device=device, share=share, precision=args.precision)
-            source = {"baseline": "random_real", "ipc": args.ipc, "lr": args.lr}
-        else:
-            results = full_data_baseline(data, c["net"], c["eval"], lr=args.lr, device=device, share=share,
-                                         precision=args.precision)
-            source = {"baseline": "full", "lr": args.lr}
-    except ValueError as err:
-        sp.error(str(err))
-    if share is not None and not share.writer:
-        return 0
-    for r in results:
-        print(r)
-    atomic_write_json(out / "metrics.json", {"source": source, "results": [r.to_dict() for r in results],
-                                             "config": {s: c[s].to_dict() for s in c}, "versions": versions(device),
-                                             "compute": compute_identity(device, args.precision), "command": sys.argv})
+        try:
+            synthetic = read_synthetic(args.synthetic)
+        except SyntheticSetError as err:
+            sp.error(str(err))
+        c = _settings_of_set(args, c, synthetic, sp)
+    out, lock = _out_folder(args, sp, "evaluation")
+    try:
+        data = _load_data(c["data"], args.group)
+        _check_net_data(sp, c["net"], data)
+        try:  # each checks its training set (shape, labels, lr) before training anything
+            if args.synthetic:
+                results = evaluate_synthetic(synthetic.images, synthetic.labels, synthetic.alpha, data, c["net"],
+                                             c["eval"], device, share=share, precision=args.precision)
+                source = {"synthetic": args.synthetic, "alpha": synthetic.alpha}
+            elif args.baseline == "random_real":
+                results = random_real_baseline(data, ipc, c["net"], c["eval"], lr=lr, seed=c["eval"].seed,
+                                               device=device, share=share, precision=args.precision)
+                source = {"baseline": "random_real", "ipc": ipc, "lr": lr}
+            else:
+                results = full_data_baseline(data, c["net"], c["eval"], lr=lr, device=device, share=share,
+                                             precision=args.precision)
+                source = {"baseline": "full", "lr": lr}
+        except EvaluationDivergedError as err:
+            if args.synthetic:
+                raise EvaluationDivergedError(f"{str(err).split('; lower')[0]}; its learned lr alpha = "
+                                              f"{synthetic.alpha:.3g} is too high for these networks", err.lr) from err
+            raise EvaluationDivergedError(str(err).replace("lower the learning rate", "lower --lr"), err.lr) from err
+        except ValueError as err:
+            sp.error(str(err))
+        if share is not None and not share.writer:
+            return 0
+        for r in results:
+            print(r)
+        atomic_write_json(out / "metrics.json", {"source": source, "results": [r.to_dict() for r in results],
+                                                 "config": {s: c[s].to_dict() for s in c},
+                                                 "versions": versions(device),
+                                                 "compute": compute_identity(device, args.precision),
+                                                 "command": sys.argv})
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
     return 0
 
 

@@ -3,6 +3,7 @@ the paired statistics read from it, and one-at-a-time ablations of MCT's choices
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from .config import DataConfig, DistillConfig, EvalConfig, Preset, get_preset
-from .data import DATASET_INFO, Dataset, balanced_subset, load_dataset
+from .data import DATASET_INFO, Dataset, load_data
 from .distill import DivergenceError, evaluated
 from .evaluate import EvalResult
 from .notebook import cached_experts, config_key
@@ -315,16 +316,11 @@ class Setting:
     store_convex: TrajectoryStore
 
 
-def load_data(data: DataConfig) -> Dataset:
-    """The dataset a preset describes: its size and preprocessing, and where `train_per_class` is set a
-    class-balanced training subset drawn with seed 0 (part of the data, the same for every method and seed)."""
-    return _load_data(data.name, data.root, data.image_size, data.zca, data.train_per_class)
-
-
 @lru_cache(maxsize=4)
-def _load_data(name: str, root: str | None, image_size: int | None, zca: bool, train_per_class: int | None) -> Dataset:
-    ds = load_dataset(name, root=root, download=DATASET_INFO[name].downloadable, image_size=image_size, zca=zca)
-    return balanced_subset(ds, train_per_class, seed=0) if train_per_class else ds
+def _load_data(data: str) -> Dataset:
+    # keyed by the config's JSON: a DataConfig is not hashable; downloads where the dataset allows it
+    cfg = DataConfig.from_dict(json.loads(data))
+    return load_data(cfg.replace(download=DATASET_INFO[cfg.name].downloadable))
 
 
 def prepare_setting(dataset: str, ipc: int, num_experts: int, expert_epochs: int, seed: int,
@@ -339,7 +335,7 @@ def prepare_setting(dataset: str, ipc: int, num_experts: int, expert_epochs: int
     mct, approximate = experiment_preset("mct", dataset, ipc, cpu)
     if mtt.data != mct.data or mtt.net != mct.net:
         raise ValueError(f"{mtt.name} and {mct.name} see different data or networks: they cannot share experts")
-    data = load_data(mtt.data)
+    data = _load_data(json.dumps(mtt.data.to_dict(), sort_keys=True))
     expert_cfg = mtt.expert.replace(record="full", num_experts=num_experts, epochs=expert_epochs, seed=seed)
     store_full = cached_experts(data, mtt.net, expert_cfg, root=runs_dir, device=device, progress=progress,
                                 workers=workers)

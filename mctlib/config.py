@@ -135,7 +135,12 @@ class ExpertConfig(_Config):
         self._range("batch_size", 1)
         self._choice("record", RECORD_KINDS)
         self._choice("beta_schedule", BETA_SCHEDULES)
-        self._range("num_waypoints", 2, self.epochs + 1)
+        if self.record == "convex":  # K applies to convexified records only; a full buffer keeps every epoch
+            self._range("num_waypoints", 2)
+            if self.num_waypoints > self.epochs + 1:
+                _fail("ExpertConfig", "num_waypoints", self.num_waypoints,
+                      f"K waypoints need at least K - 1 = {self.num_waypoints - 1} epochs and epochs = {self.epochs}: "
+                      f"set num_waypoints <= {self.epochs + 1} or more epochs")
 
 
 @dataclass
@@ -187,6 +192,9 @@ class DistillConfig(_Config):
         self._range("eval_every", 0)
         self._range("checkpoint_every", 1)
         self._range("init_seed", 0)
+        if any(i > self.iterations for i in self.eval_at):
+            _fail("DistillConfig", "eval_at", list(self.eval_at),
+                  f"each must be <= iterations = {self.iterations} (a later one is never reached)")
         if self.method == "mtt" and self.sampling == "continuous":
             _fail("DistillConfig", "sampling", self.sampling,
                   "continuous tau needs the convexified record (method 'mct'); a full buffer has only integer epochs")

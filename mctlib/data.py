@@ -797,6 +797,14 @@ def real_images_per_class(
     return images[chosen_idx].clone(), out_labels
 
 
+def load_data(cfg) -> Dataset:
+    """The dataset a `config.DataConfig` describes: `load_dataset` with its name, root, download, size and
+    preprocessing, then, where `train_per_class` is set, a class-balanced training subset drawn with seed 0
+    (part of the data: the same for every method, run and seed)."""
+    ds = load_dataset(cfg.name, root=cfg.root, download=cfg.download, image_size=cfg.image_size, zca=cfg.zca)
+    return balanced_subset(ds, cfg.train_per_class, seed=0) if cfg.train_per_class else ds
+
+
 def balanced_subset(dataset: Dataset, per_class: int, seed: int) -> Dataset:
     """D with a class-balanced training split: `per_class` random images of each class, for experts trained on part
     of D (chapter 4, "Experiments").
@@ -845,6 +853,7 @@ __all__ = [
     "class_indices",
     "default_root",
     "find_idx_files",
+    "load_data",
     "load_dataset",
     "read_idx",
     "real_images_per_class",

@@ -2,14 +2,13 @@
 
 Each iteration samples an expert and a window (tau_start, tau_target) on its trajectory, runs
 the student from theta(tau_start) for syn_steps steps on S, and takes one SGD-momentum step on
-S and alpha against the matching loss. The run directory holds its config, seed and versions,
-a metrics JSON, the best and final synthetic sets, and a single-file checkpoint written
-atomically, from which `resume=True` continues to the same result as an uninterrupted run.
+S and alpha against the matching loss. What the run leaves on disk (config, metrics, the best and
+final synthetic sets, the checkpoint from which `resume=True` continues to the same result as an
+uninterrupted run) and its checks live in `rundir.py`; this module is the algorithm.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -18,9 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from .augment import make_augment
 from .config import DistillConfig, EvalConfig
@@ -29,17 +25,13 @@ from .device import compute_identity, precision_context, resolve_device, version
 from .evaluate import evaluate_synthetic
 from .matching import Student, match, plan_student
 from .networks import FlatModel, build_network
-from .storage import TrajectoryStore, atomic_write_bytes, atomic_write_json, check_match, tensor_sha256
+from .distributed import check_resume_world_size
+from .rundir import (CHECKPOINT, LEGACY_COMPUTE, RESUMABLE_CHANGES, STEP_SIZE_CHANGES, SYNTHETIC_BEST,  # noqa: F401
+                     SYNTHETIC_FINAL, Checkpoint, CheckpointError, RunFolder, config_differences, load_synthetic)
+from .storage import TrajectoryStore, check_match
 from .training import derive_seed
 from .trajectories import sample_window
 
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_FORMAT = "mctlib-distill-checkpoint-v2"   # v2: carries a checksum over its tensors and state
-# Fields that may change when a run is resumed: they decide when to stop and log, not what is computed.
-RESUMABLE_CHANGES = {"iterations", "eval_every", "checkpoint_every"}
-# Step sizes may change too, so a diverged run continues from its last good state with a lower one;
-# each change is recorded with the iteration it took effect at (metrics.json, "step_size_changes").
-STEP_SIZE_CHANGES = ("lr_img", "lr_lr")
 # A run whose images or loss run away is stopped like one that reaches NaN: pixel RMS above this many
 # times the real data's, or a matching loss this many times the median of the run's first iterations.
 # Measured on 8x8 digits, 200 MCT iterations: lr_img 1e2 / 1e3 / 1e4 end at 2.4 / 7.7 / 43 times the
@@ -47,8 +39,6 @@ STEP_SIZE_CHANGES = ("lr_img", "lr_lr")
 # scale), while lr_img 1e9 is at 2e6 times after one iteration and its set scores 6 %.
 RUNAWAY_PIXEL_RMS = 1e4
 RUNAWAY_LOSS = 1e4
-# What a run recorded before its config held "compute": the engine had only ever run on the CPU, in fp32.
-LEGACY_COMPUTE = {"device": "cpu", "precision": "fp32"}
 
 
 class DivergenceError(FloatingPointError):
@@ -68,10 +58,6 @@ class AlphaNonPositiveWarning(UserWarning):
     """The learned lr alpha is <= 0 at some iteration (the run continues; see DivergenceError)."""
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is corrupt, foreign, or from a different run configuration."""
-
-
 @dataclass
 class DistillResult:
     images: torch.Tensor
@@ -82,6 +68,7 @@ class DistillResult:
     run_dir: Path | None = None
     best: dict | None = None
     config: dict = field(default_factory=dict)
+    step_size_changes: list = field(default_factory=list)   # lr_img / lr_lr changed on resume, with the iteration
 
     @property
     def final(self) -> dict | None:
@@ -111,6 +98,23 @@ class _State:
         return {"images": self.images.detach().cpu().contiguous(), "labels": self.labels.cpu().contiguous(),
                 "alpha": self.alpha.detach().cpu().reshape(1), "img_velocity": self.img_velocity.cpu().contiguous(),
                 "lr_velocity": self.lr_velocity.cpu().reshape(1), "rng": self.generator.get_state()}
+
+    def info(self) -> dict:
+        return {"iteration": self.iteration, "log": self.log, "evals": self.evals, "changes": self.changes}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, config: dict, device) -> "_State":
+        """The checkpoint's state, with the step sizes that changed since it was written recorded."""
+        t, info = ckpt.tensors, ckpt.state
+        state = cls(t["images"].to(device), t["labels"].to(device), t["alpha"].to(device).reshape(()),
+                    t["img_velocity"].to(device), t["lr_velocity"].to(device).reshape(()),
+                    torch.Generator().set_state(t["rng"]), info["iteration"], info["log"], info["evals"],
+                    info.get("changes", []))
+        for name in STEP_SIZE_CHANGES:
+            before, now = ckpt.config["distill"][name], config["distill"][name]
+            if before != now:
+                state.changes.append({"iteration": state.iteration, "field": name, "from": before, "to": now})
+        return state
 
     def snapshot(self) -> "_State":
         gen = torch.Generator().set_state(self.generator.get_state())
@@ -150,130 +154,9 @@ def _check_store(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset) -
                          f"then, so the largest allowed max_start_epoch is {largest:g}")
 
 
-def _checkpoint_checksum(tensors: dict[str, torch.Tensor], config_json: str, state_json: str) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes and the config and state JSON."""
-    parts = {name: [str(t.dtype), list(t.shape), tensor_sha256(t)] for name, t in sorted(tensors.items())}
-    blob = json.dumps([parts, config_json, state_json], sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
-def _save_checkpoint(run_dir: Path, state: _State, config: dict) -> None:
-    tensors = state.tensors()
-    config_json = json.dumps(config, sort_keys=True)
-    state_json = json.dumps({"iteration": state.iteration, "log": state.log, "evals": state.evals,
-                             "changes": state.changes})
-    meta = {"format": CHECKPOINT_FORMAT, "config": config_json, "state": state_json,
-            "checksum": _checkpoint_checksum(tensors, config_json, state_json)}
-    atomic_write_bytes(run_dir / CHECKPOINT, st_save(tensors, metadata=meta))
-
-
-_CHECKPOINT_TENSORS = ("images", "labels", "alpha", "img_velocity", "lr_velocity", "rng")
-
-
-def _load_checkpoint(run_dir: Path, config: dict, device: torch.device) -> _State:
-    """The verified state of a checkpoint: format, fields, finiteness, checksum, then the configuration."""
-    path = run_dir / CHECKPOINT
-    if not path.exists():
-        raise CheckpointError(f"nothing to resume: {path} does not exist (run without --resume to start)")
-    data = path.read_bytes()
-    try:
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
-    except (SafetensorError, ValueError, UnicodeDecodeError, Exception) as err:
-        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({err}); delete it to start over") from err
-    if meta.get("format") == "mctlib-distill-checkpoint-v1":
-        raise CheckpointError(f"{path} was written by an older mctlib without a checksum, so it cannot be verified; "
-                              "start the run again in another --out")
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not an mctlib distillation checkpoint (format {meta.get('format')!r})")
-    missing = [k for k in _CHECKPOINT_TENSORS if k not in tensors] + [k for k in ("config", "state", "checksum")
-                                                                       if k not in meta]
-    if missing:
-        raise CheckpointError(f"{path} lacks the field(s) {missing}; it is damaged: delete it to start over")
-    bad = [k for k in ("images", "alpha", "img_velocity", "lr_velocity")
-           if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all()]
-    if bad:
-        # Checked before the checksum: this is the more specific diagnosis. mctlib never writes such a
-        # checkpoint (a diverging run keeps its last finite state), so it was altered or damaged.
-        raise CheckpointError(f"{path} holds non-finite values (NaN/Inf in {', '.join(bad)}), so it cannot be "
-                              "resumed; it was altered or damaged: restore a copy or delete it to start over")
-    if meta["checksum"] != _checkpoint_checksum(tensors, meta["config"], meta["state"]):
-        raise CheckpointError(f"{path} fails its checksum: its tensors or state were altered or damaged after it "
-                              "was written; restore a copy or delete it to start over")
-    saved = json.loads(meta["config"])
-    saved.setdefault("compute", LEGACY_COMPUTE)
-    diff = _config_diff(saved, config)
-    if diff:
-        raise CheckpointError(f"{path} belongs to a run with another configuration: {diff}; "
-                              "resume with the same settings or choose another --out")
-    info = json.loads(meta["state"])
-    expected = _images_shape(config)
-    for name in ("images", "img_velocity"):
-        if tuple(tensors[name].shape) != expected:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, the run's configuration "
-                                  f"implies {expected}; it does not belong to this run")
-    gen = torch.Generator()
-    gen.set_state(tensors["rng"])
-    images = tensors["images"].to(device)
-    state = _State(images, tensors["labels"].to(device), tensors["alpha"].to(device).reshape(()),
-                   tensors["img_velocity"].to(device), tensors["lr_velocity"].to(device).reshape(()), gen,
-                   info["iteration"], info["log"], info["evals"], info.get("changes", []))
-    for name in STEP_SIZE_CHANGES:
-        before, now = saved["distill"][name], config["distill"][name]
-        if before != now:
-            state.changes.append({"iteration": state.iteration, "field": name, "from": before, "to": now})
-    return state
-
-
-def _images_shape(config: dict) -> tuple[int, ...]:
-    d = config["dataset"]
-    return (config["distill"]["ipc"] * d["num_classes"], d["channels"], *d["image_size"])
-
-
-def _config_diff(saved: dict, now: dict, prefix: str = "") -> str:
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            sub = _config_diff(a, b, f"{prefix}{key}.")
-            if sub:
-                out.append(sub)
-        elif a != b and key not in RESUMABLE_CHANGES and f"{prefix}{key}" not in ("distill.lr_img", "distill.lr_lr"):
-            out.append(f"{prefix}{key}: checkpoint {a!r} vs now {b!r}")
-    return "; ".join(out)
-
-
-def _start_or_resume(run_dir: Path, config: dict, device: torch.device) -> _State | None:
-    """The checkpoint's state; None when a run was stopped before its first checkpoint (nothing of it
-    is kept, so it starts from the beginning) after checking its config.json is this run's."""
-    if (run_dir / CHECKPOINT).exists() or not (run_dir / "config.json").exists():
-        return _load_checkpoint(run_dir, config, device)
-    try:
-        on_disk = json.loads((run_dir / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{run_dir / 'config.json'} is corrupt ({err}); choose another --out") from err
-    diff = _config_diff({k: on_disk.get(k) for k in config}, config).replace("checkpoint ", "config.json ")
-    if diff:
-        raise CheckpointError(f"{run_dir} holds the start of a run with another configuration: {diff}; "
-                              "resume with the same settings or choose another --out")
-    return None
-
-
-def _save_synthetic(path: Path, images: torch.Tensor, labels: torch.Tensor, alpha: float, info: dict) -> None:
-    meta = {"format": "mctlib-synthetic-v1", "info": json.dumps(info, sort_keys=True)}
-    atomic_write_bytes(path, st_save({"images": images.detach().cpu().contiguous(), "labels": labels.cpu().contiguous(),
-                                      "alpha": torch.tensor([alpha])}, metadata=meta))
-
-
-def load_synthetic(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(images, labels, alpha) of a saved synthetic set (synthetic_best / synthetic_final)."""
-    path = Path(path)
-    try:
-        tensors = st_load(path.read_bytes())
-        return tensors["images"], tensors["labels"], float(tensors["alpha"][0])
-    except (SafetensorError, KeyError, Exception) as err:
-        raise ValueError(f"{path} is not a readable mctlib synthetic set ({err})") from err
+def _config_diff(saved: dict, now: dict) -> str:
+    """The settings that differ between a checkpoint's config and this run's (see rundir.config_differences)."""
+    return "; ".join(config_differences(saved, now, RESUMABLE_CHANGES | {f"distill.{n}" for n in STEP_SIZE_CHANGES}))
 
 
 def run_config(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_cfg: EvalConfig | None,
@@ -289,159 +172,176 @@ def run_config(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eva
 
 
 def distill(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_cfg: EvalConfig | None = None,
-            run_dir: str | Path | None = None, resume: bool = False, device=None, progress: bool = True,
+            run_dir: str | Path | RunFolder | None = None, resume: bool = False, device=None, progress: bool = True,
             run_info: dict | None = None, group=None, precision: str = "fp32",
             initial_eval: list | None = None) -> DistillResult:
-    """Run (or resume) one distillation; see the module docstring for what lands in `run_dir`.
-    `precision` (fp32, tf32, bf16; see device.precision_context) applies to the student's steps.
-    `initial_eval`: the iteration-0 evaluation computed beforehand (EvalResults of S_0 with the initial
-    alpha by `eval_cfg`'s networks), recorded instead of evaluating again; runs that start alike share it.
+    """Run (or resume) one distillation; see the module docstring for what lands in `run_dir` (a path,
+    locked and checked here, or a `RunFolder` the caller opened). `precision` (fp32, tf32, bf16; see
+    device.precision_context) applies to the student's steps. `initial_eval`: the iteration-0
+    evaluation computed beforehand (EvalResults of S_0 with the initial alpha by `eval_cfg`'s networks),
+    recorded instead of evaluating again; runs that start alike share it.
 
     `group` (a `distributed.Group`, from torchrun): the synthetic set's gradient is computed in shards
     over the ranks, every rank holds the same S and alpha, and rank 0 writes the run directory."""
     device = resolve_device(device) if group is None else group.device
     _check_store(cfg, store, dataset)
-    net = store.net
     config = run_config(cfg, store, dataset, eval_cfg, device, precision)
     writes = group is None or group.writer
     if group is not None:
         group.check_world_size(cfg.ipc * dataset.num_classes)
         if group.world_size > 1:
             config["world_size"] = group.world_size   # compared on resume like every other setting
-    run_dir = Path(run_dir) if run_dir is not None else None
-    if run_dir is not None:
-        if (run_dir / "config.json").exists() and not resume:
-            raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) to continue it "
-                                  "or choose another run directory")
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-    state = None
-    if resume:
-        if run_dir is None:
-            raise ValueError("resume needs the run directory of the run to continue")
-        from .distributed import check_resume_world_size
-
-        check_resume_world_size(run_dir, 1 if group is None else group.world_size)
-        state = _start_or_resume(run_dir, config, device)
-    if run_dir is not None and writes:  # temporary files of a write that a kill interrupted
-        for leftover in [*run_dir.glob(".*.safetensors.*.tmp"), *run_dir.glob(".*.json.*.tmp")]:
-            leftover.unlink(missing_ok=True)
-    if state is None:
-        images, labels = initial_synthetic(dataset, cfg)
-        images = images.to(device)
-        state = _State(images, labels.to(device), torch.tensor(cfg.lr_teacher, device=device),
-                       torch.zeros_like(images), torch.zeros((), device=device),
-                       torch.Generator().manual_seed(derive_seed(cfg.seed, 2)))
-    if group is not None:
-        # Every rank has checked run_dir before rank 0 writes to it. Every rank reads versions() (slow: it
-        # imports torchvision), so that no rank waits at a collective while rank 0 alone does.
-        about = versions() if run_dir is not None else None
-        group.barrier("the start of distillation")
-    if run_dir is not None and writes:
+    opened = not isinstance(run_dir, RunFolder)
+    folder = RunFolder.open(run_dir, resume, writes) if opened else run_dir
+    try:
+        state = _start(cfg, dataset, config, folder, resume, group, device)
+        if group is not None:
+            # Every rank has checked the folder before rank 0 writes to it. Every rank reads versions() (slow:
+            # it imports torchvision), so that no rank waits at a collective while rank 0 alone does.
+            about = versions() if folder.path is not None else None
+            group.barrier("the start of distillation")
         # run_info (command line, preset name) is recorded but, unlike `config`, not compared on resume.
-        atomic_write_json(run_dir / "config.json", {**config, "seed": cfg.seed,
-                                                    "versions": about if group is not None else versions(device),
-                                                    "run": {"store_path": str(store.path), **(run_info or {})}})
+        if folder.writes:
+            folder.write_config({**config, "seed": cfg.seed, "versions": about if group is not None else versions(device),
+                                 "run": {"store_path": str(store.path), **(run_info or {})}})
+        best = _iterate(cfg, store, dataset, eval_cfg, state, folder, config, device, progress, group, precision,
+                        initial_eval)
+        folder.synthetic(SYNTHETIC_FINAL, state.images, state.labels, float(state.alpha), _settings(config),
+                         {"iteration": state.iteration})
+        folder.write_metrics(_metrics(state, best, config))
+    finally:
+        if opened:
+            folder.close()
+    if group is not None:
+        group.barrier("the end of distillation")  # on return, on any rank, the run directory is complete
+    return DistillResult(state.images.detach(), state.labels, float(state.alpha), state.log, state.evals,
+                         folder.path, best, config, state.changes)
 
-    model = FlatModel(build_network(net)).to(device)
+
+def _start(cfg: DistillConfig, dataset: Dataset, config: dict, folder: RunFolder, resume: bool, group,
+           device) -> _State:
+    """The state to start from: the verified checkpoint when resuming one, else S_0 and alpha_0."""
+    if resume:
+        check_resume_world_size(folder.path, 1 if group is None else group.world_size)
+        ckpt = folder.resume(config)
+        if ckpt is not None:
+            return _State.from_checkpoint(ckpt, config, device)
+    images, labels = initial_synthetic(dataset, cfg)
+    images = images.to(device)
+    return _State(images, labels.to(device), torch.tensor(cfg.lr_teacher, device=device), torch.zeros_like(images),
+                  torch.zeros((), device=device), torch.Generator().manual_seed(derive_seed(cfg.seed, 2)))
+
+
+def _settings(config: dict) -> dict:
+    """What evaluation needs to train on a synthetic set, saved (checksummed) inside it."""
+    return {"net": config["net"], "dataset": config["dataset"], "ipc": config["distill"]["ipc"]}
+
+
+def _iterate(cfg: DistillConfig, store: TrajectoryStore, dataset: Dataset, eval_cfg: EvalConfig | None,
+             state: _State, folder: RunFolder, config: dict, device, progress: bool, group,
+             precision: str, initial_eval: list | None = None) -> dict | None:
+    """The loop: a matching step, an evaluation when due, a checkpoint when due. Returns the best evaluation."""
+    model = FlatModel(build_network(store.net)).to(device)
     student = Student(model, make_augment(cfg.dsa)) if group is None else group.student(model, make_augment(cfg.dsa))
     records = [r.to(device) for r in store.records]          # moved once, not per iteration
-    sampling = cfg.resolved_sampling
     best = max(evaluated(state.evals), key=lambda e: e["mean"], default=None)
     warned = any(entry["alpha"] <= 0 for entry in state.log)
     data_rms = _rms(dataset.train_images)
 
     def evaluate_now(it: int, results: list | None = None) -> None:
         nonlocal best
-        if eval_cfg is None:
-            return
-        alpha_now = float(state.alpha)
-        if alpha_now <= 0:
-            # Training networks with a non-positive lr would ascend the loss; the published code
-            # evaluates with lr = alpha regardless, we record why this evaluation did not run.
-            state.evals.append({"iteration": it, "skipped": f"alpha = {alpha_now:.3g} <= 0 at this iteration"})
-            return
-        if results is None:
-            results = evaluate_synthetic(state.images, state.labels, alpha_now, dataset, net, eval_cfg, device,
-                                         share=group, precision=precision)
-        entry = {"iteration": it, "mean": results[0].mean, "std": results[0].std,
-                 "accuracies": results[0].accuracies, "archs": [r.to_dict() for r in results]}
+        entry = _evaluation(it, state, dataset, store, eval_cfg, device, group, precision, results)
         state.evals.append(entry)
-        if best is None or entry["mean"] > best["mean"]:
+        if "skipped" not in entry and (best is None or entry["mean"] > best["mean"]):
             best = entry
-            if run_dir is not None and writes:
-                _save_synthetic(run_dir / "synthetic_best.safetensors", state.images, state.labels,
-                                float(state.alpha), {"iteration": it, "eval": entry})
+            folder.synthetic(SYNTHETIC_BEST, state.images, state.labels, float(state.alpha), _settings(config),
+                             {"iteration": it, "eval": entry})
 
     bar = None
-    if progress and writes:
+    if progress and (group is None or group.writer):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.iterations, initial=state.iteration, desc=f"distill {cfg.method}", leave=False)
-    if state.iteration == 0 and not state.evals and (cfg.eval_every or cfg.eval_at):
+    if eval_cfg is not None and state.iteration == 0 and not state.evals and (cfg.eval_every or cfg.eval_at):
         evaluate_now(0, initial_eval)
     while state.iteration < cfg.iterations:
         good = state.snapshot()
         it = state.iteration + 1
         tick = time.perf_counter()
-        expert = int(torch.randint(len(records), (1,), generator=state.generator))
-        record = records[expert]
-        tau_start, tau_target = sample_window(state.generator, sampling, cfg.expert_epochs, cfg.max_start_epoch,
-                                              record.epochs)
-        plan = plan_student(state.images.shape[0], cfg.syn_steps, cfg.batch_syn, state.generator, device)
-        images = state.images.requires_grad_(True)
-        alpha = state.alpha.requires_grad_(True)
-        images.grad, alpha.grad = None, None
-        with precision_context(precision, device):
-            result = match(student, images, state.labels, alpha, record.point(tau_start),
-                           record.point(tau_target), plan, cfg.gradient_mode)
-        if group is not None:
-            group.sum_image_grad(images)
-        with torch.no_grad():
-            # SGD with momentum 0.5 on S and alpha (the papers' optimiser), written out so its state is two tensors.
-            state.img_velocity.mul_(cfg.momentum).add_(images.grad)
-            state.lr_velocity.mul_(cfg.momentum).add_(alpha.grad)
-            state.images = (images - cfg.lr_img * state.img_velocity).detach()
-            state.alpha = (alpha - cfg.lr_lr * state.lr_velocity).detach()
-        # The iteration's one read-back from the device: loss, alpha, whether S is finite and its norm.
-        loss, _, alpha_now, finite, norm = result.read(state.alpha, torch.isfinite(state.images).all(),
-                                                        torch.linalg.vector_norm(state.images.detach()))
-        rms = norm / math.sqrt(max(state.images.numel(), 1))
-        cause, to_lower = _divergence(loss, bool(finite), rms, alpha_now, cfg, data_rms, state.log)
+        loss, alpha_now, finite, rms, entry = _step(cfg, state, records, student, device, group, precision)
+        cause, to_lower = _divergence(loss, finite, rms, alpha_now, cfg, data_rms, state.log)
         if cause:
-            if run_dir is not None and writes:
-                _save_checkpoint(run_dir, good, config)
+            folder.checkpoint(good.tensors(), good.info(), config)
             suggested = float(f"{getattr(cfg, to_lower) / 10:.3g}")
-            where = (f"; the last good state (iteration {good.iteration}) is saved in {run_dir / CHECKPOINT}: "
-                     f"resume it with a lower {to_lower}, e.g. {suggested:g}" if run_dir else "")
+            where = (f"; the last good state (iteration {good.iteration}) is saved in {folder / CHECKPOINT}: "
+                     f"resume it with a lower {to_lower}, e.g. {suggested:g}" if folder.path else "")
             raise DivergenceError(f"distillation diverged at iteration {it}: {cause}{where}", to_lower, suggested)
         state.iteration = it
-        seconds = time.perf_counter() - tick
-        state.log.append({"iteration": it, "loss": loss, "tau_start": tau_start, "tau_target": tau_target,
-                          "alpha": alpha_now, "expert": expert, "seconds": seconds})
+        state.log.append({"iteration": it, **entry, "seconds": time.perf_counter() - tick})
         if alpha_now <= 0 and not warned:
             warned = True
             warnings.warn(f"the learned lr alpha crossed zero at iteration {it} (alpha = {alpha_now:.3g}); the run "
                           "goes on, as the published code does, and counts such iterations in metrics.json "
-                          "(alpha_nonpositive_iterations)", AlphaNonPositiveWarning, stacklevel=2)
+                          "(alpha_nonpositive_iterations)", AlphaNonPositiveWarning, stacklevel=3)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", alpha=f"{alpha_now:.4g}")
-        if (cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations)) or it in cfg.eval_at:
+        if eval_cfg is not None and ((cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iterations))
+                                     or it in cfg.eval_at):
             evaluate_now(it)
-        if run_dir is not None and writes and (it % cfg.checkpoint_every == 0 or it == cfg.iterations):
-            _save_checkpoint(run_dir, state, config)
-            _write_metrics(run_dir, state, best, config)
+        if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
+            folder.checkpoint(state.tensors(), state.info(), config)
+            folder.write_metrics(_metrics(state, best, config))
     if bar is not None:
         bar.close()
-    if run_dir is not None and writes:
-        _save_synthetic(run_dir / "synthetic_final.safetensors", state.images, state.labels, float(state.alpha),
-                        {"iteration": state.iteration})
-        _write_metrics(run_dir, state, best, config)
+    return best
+
+
+def _step(cfg: DistillConfig, state: _State, records: list, student, device, group, precision: str) -> tuple:
+    """One iteration (METHOD.md, "Distillation"): sample an expert and a window, run the student from
+    theta(tau_start) on S, match theta(tau_target), and take one SGD-momentum step on S and alpha.
+    Returns (loss, alpha, S finite, S's pixel RMS, the log entry's fields)."""
+    expert = int(torch.randint(len(records), (1,), generator=state.generator))
+    record = records[expert]
+    tau_start, tau_target = sample_window(state.generator, cfg.resolved_sampling, cfg.expert_epochs,
+                                          cfg.max_start_epoch, record.epochs)
+    plan = plan_student(state.images.shape[0], cfg.syn_steps, cfg.batch_syn, state.generator, device)
+    images = state.images.requires_grad_(True)
+    alpha = state.alpha.requires_grad_(True)
+    images.grad, alpha.grad = None, None
+    with precision_context(precision, device):
+        result = match(student, images, state.labels, alpha, record.point(tau_start), record.point(tau_target),
+                       plan, cfg.gradient_mode)
     if group is not None:
-        group.barrier("the end of distillation")  # on return, on any rank, the run directory is complete
-    return DistillResult(state.images.detach(), state.labels, float(state.alpha), state.log, state.evals, run_dir,
-                         best, config)
+        group.sum_image_grad(images)
+    with torch.no_grad():
+        # SGD with momentum 0.5 on S and alpha (the papers' optimiser), written out so its state is two tensors.
+        state.img_velocity.mul_(cfg.momentum).add_(images.grad)
+        state.lr_velocity.mul_(cfg.momentum).add_(alpha.grad)
+        state.images = (images - cfg.lr_img * state.img_velocity).detach()
+        state.alpha = (alpha - cfg.lr_lr * state.lr_velocity).detach()
+    # The iteration's one read-back from the device: loss, alpha, whether S is finite and its norm.
+    loss, _, alpha_now, finite, norm = result.read(state.alpha, torch.isfinite(state.images).all(),
+                                                    torch.linalg.vector_norm(state.images.detach()))
+    rms = norm / math.sqrt(max(state.images.numel(), 1))
+    entry = {"loss": loss, "tau_start": tau_start, "tau_target": tau_target, "alpha": alpha_now, "expert": expert}
+    return loss, alpha_now, bool(finite), rms, entry
+
+
+def _evaluation(it: int, state: _State, dataset: Dataset, store: TrajectoryStore, eval_cfg: EvalConfig, device,
+                group, precision: str, results: list | None = None) -> dict:
+    """The evaluation entry of iteration `it` (METHOD.md, "Evaluation"), or why it was skipped; `results`
+    when it was computed beforehand."""
+    alpha_now = float(state.alpha)
+    if alpha_now <= 0:
+        # Training networks with a non-positive lr would ascend the loss; the published code evaluates
+        # with lr = alpha regardless, we record why this evaluation did not run.
+        return {"iteration": it, "skipped": f"alpha = {alpha_now:.3g} <= 0 at this iteration"}
+    if results is None:
+        results = evaluate_synthetic(state.images, state.labels, alpha_now, dataset, store.net, eval_cfg, device,
+                                     share=group, precision=precision)
+    return {"iteration": it, "mean": results[0].mean, "std": results[0].std, "accuracies": results[0].accuracies,
+            "archs": [r.to_dict() for r in results]}
 
 
 def _divergence(loss: float, images_finite: bool, rms: float, alpha: float, cfg: DistillConfig, data_rms: float,
@@ -479,10 +379,11 @@ def evaluated(evals: list[dict]) -> list[dict]:
     return [e for e in evals if "skipped" not in e]
 
 
-def _write_metrics(run_dir: Path, state: _State, best: dict | None, config: dict) -> None:
+def _metrics(state: _State, best: dict | None, config: dict) -> dict:
+    """metrics.json: the log, every evaluation, the best and final ones, and the step-size changes."""
     seconds = [entry["seconds"] for entry in state.log]
     ran = evaluated(state.evals)
-    atomic_write_json(run_dir / "metrics.json", {
+    return {
         "iteration": state.iteration, "alpha": float(state.alpha),
         "alpha_nonpositive_iterations": [e["iteration"] for e in state.log if e["alpha"] <= 0],
         "final_loss": state.log[-1]["loss"] if state.log else None,
@@ -490,4 +391,4 @@ def _write_metrics(run_dir: Path, state: _State, best: dict | None, config: dict
         "evals": state.evals, "best": best, "final": ran[-1] if ran else None,
         "skipped_evals": [e for e in state.evals if "skipped" in e],
         "log": state.log, "seed": config["distill"]["seed"], "step_size_changes": state.changes,
-    })
+    }

@@ -17,7 +17,16 @@ from .config import EvalConfig
 from .data import Dataset, real_images_per_class
 from .device import precision_context, resolve_device
 from .networks import FlatModel, NetConfig, build_network
-from .training import SGDRecipe, accuracy, derive_seed, train_networks
+from .training import SGDRecipe, _forward, accuracy, derive_seed, train_networks
+
+
+class EvaluationDivergedError(FloatingPointError):
+    """Evaluation networks whose loss or weights became non-finite: their accuracy would mean nothing.
+    `suggested` is a learning rate ten times lower."""
+
+    def __init__(self, message: str, lr: float) -> None:
+        super().__init__(message)
+        self.lr, self.suggested = lr, float(f"{lr / 10:.3g}")
 
 
 @dataclass
@@ -64,7 +73,6 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, lr: float, datase
 
 def _train_and_test(images: torch.Tensor, labels: torch.Tensor, lr: float, dataset: Dataset, net: NetConfig,
                     cfg: EvalConfig, device, progress, share) -> list[EvalResult]:
-    device = resolve_device(device)
     images, labels = images.detach().to(device), labels.to(device)
     test_x, test_y = dataset.test_images.to(device), dataset.test_labels.to(device)
     augment = make_augment(cfg.dsa)
@@ -81,16 +89,35 @@ def _train_and_test(images: torch.Tensor, labels: torch.Tensor, lr: float, datas
         init_seeds = [derive_seed(cfg.seed, a, i, 0) for i in nets]
         model = FlatModel(build_network(net_a)).to(device)
         params = torch.stack([FlatModel(build_network(net_a, seed=s)).flatten() for s in init_seeds]).to(device)
-        if not model.supports_vmap:  # batchnorm nets train one at a time
-            finals = [train_networks(model, p[None], images, labels, recipe, [derive_seed(cfg.seed, a, i, 1)],
-                                     augment, progress=progress) for i, p in zip(nets, params)]
-            params = torch.cat(finals)
-        else:
-            params = train_networks(model, params, images, labels, recipe,
-                                    [derive_seed(cfg.seed, a, i, 1) for i in nets], augment,
-                                    progress=progress)
+        try:
+            if not model.supports_vmap:  # batchnorm nets train one at a time
+                finals = [train_networks(model, p[None], images, labels, recipe, [derive_seed(cfg.seed, a, i, 1)],
+                                         augment, progress=progress) for i, p in zip(nets, params)]
+                params = torch.cat(finals)
+            else:
+                params = train_networks(model, params, images, labels, recipe,
+                                        [derive_seed(cfg.seed, a, i, 1) for i in nets], augment,
+                                        progress=progress)
+        except FloatingPointError as err:
+            raise _diverged(arch, lr, str(err).split(";")[0]) from err
+        check_outputs(model, params, test_x[:256], arch, lr)
         results.append(EvalResult(arch, accuracy(model, params, test_x, test_y).tolist()))
     return results if share is None else share.gather(results, cfg.num_eval)
+
+
+def _diverged(arch: str, lr: float, what: str) -> EvaluationDivergedError:
+    return EvaluationDivergedError(f"evaluation diverged: the {arch} networks trained at lr {lr:g} went non-finite "
+                                   f"({what}), so their accuracy would mean nothing; lower the learning rate, e.g. "
+                                   f"{float(f'{lr / 10:.3g}'):g}", lr)
+
+
+@torch.no_grad()
+def check_outputs(model: FlatModel, params: torch.Tensor, images: torch.Tensor, arch: str, lr: float) -> None:
+    """Refuse trained networks whose outputs are not finite (weights so large that the logits overflow:
+    every argmax would then be class 0, a chance-level accuracy that looks like a result)."""
+    logits = _forward(model, params, images.unsqueeze(0).expand(params.shape[0], *images.shape))
+    if not torch.isfinite(logits).all():
+        raise _diverged(arch, lr, "logits on the test images overflow")
 
 
 def check_training_set(images: torch.Tensor, labels: torch.Tensor, lr: float, net: NetConfig) -> None:

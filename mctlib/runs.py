@@ -15,11 +15,11 @@ from pathlib import Path
 
 from .config import DistillConfig, EvalConfig
 from .data import Dataset
-from .distill import (CHECKPOINT, LEGACY_COMPUTE, AlphaNonPositiveWarning, DistillResult, DivergenceError, distill,
-                      initial_synthetic, load_synthetic, run_config)
+from .distill import AlphaNonPositiveWarning, DistillResult, DivergenceError, distill, initial_synthetic, run_config
 from .evaluate import EvalResult, evaluate_synthetic, full_data_baseline, random_real_baseline
 from .networks import NetConfig
 from .notebook import config_key
+from .rundir import CHECKPOINT, LEGACY_COMPUTE, config_differences, listed, load_synthetic
 from .storage import TrajectoryStore, atomic_write_json, load_store
 from .workers import parallel_jobs
 
@@ -45,19 +45,6 @@ class RunResult(DistillResult):
         return seconds[len(seconds) // 2] if seconds else math.nan
 
 
-def _differences(on_disk: dict, wanted: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(on_disk) | set(wanted)):
-        a, b = on_disk.get(key), wanted.get(key)
-        if key in _IGNORED:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: on disk {a!r} vs requested {b!r}")
-    return out
-
-
 class RunMismatchError(ValueError):
     """A run directory that holds a run with another configuration (it is never overwritten)."""
 
@@ -76,10 +63,11 @@ def run_or_load(name: str, distill_cfg: DistillConfig, store: TrajectoryStore, d
         on_disk = {k: v for k, v in json.loads(config_file.read_text()).items() if k in wanted}
         on_disk.setdefault("compute", LEGACY_COMPUTE)
         done = _iterations_done(run_dir)
-        diff = _differences({**on_disk, "distill": {**on_disk.get("distill", {}), "iterations": None}},
-                            {**wanted, "distill": {**wanted["distill"], "iterations": None}})
+        diff = config_differences({**on_disk, "distill": {**on_disk.get("distill", {}), "iterations": None}},
+                                  {**wanted, "distill": {**wanted["distill"], "iterations": None}}, _IGNORED,
+                                  left="on disk", right="requested")
         if diff:
-            raise RunMismatchError(f"{run_dir} holds a run with another configuration: " + "; ".join(diff) +
+            raise RunMismatchError(f"{run_dir} holds a run with another configuration: " + listed(diff) +
                                    ". Choose another run name or runs_dir (nothing was overwritten).")
         if done > distill_cfg.iterations:
             raise RunMismatchError(f"{run_dir} holds a run of {done} iterations, more than the "

@@ -178,6 +178,12 @@ def save_store(path: str | Path, records: list, net: NetConfig, dataset: dict, r
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     file = path / MANIFEST
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} is a file, not a trajectory store (a folder holding {MANIFEST}); pass the folder "
+                         "that `mctlib experts` or `mctlib convexify` wrote")
+    if not file.exists() and (path / "config.json").exists():
+        raise StoreError(f"{path} is a distillation run folder, not a trajectory store; pass the store it was "
+                         "distilled from (its config.json names it under run.store_path)")
     if not file.exists():
         raise StoreError(f"{path} is not a trajectory store: no {MANIFEST}. Create one with `mctlib experts --out {path}`")
     try:
@@ -188,12 +194,15 @@ def read_manifest(path: str | Path) -> dict:
         raise StoreError(f"{file} is not an mctlib trajectory manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise StoreError(f"{file} has format_version {manifest.get('format_version')}; this mctlib reads {FORMAT_VERSION}")
+    if "checksum" not in manifest:
+        # Checked before anything else it holds: without its checksum no field of it can be trusted.
+        raise StoreError(f"{file} has no checksum (written by an older mctlib, or edited), so its settings cannot "
+                         "be verified; re-create the store with `mctlib experts`")
     validate_manifest(manifest, file)
-    if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):
+    if manifest["checksum"] != manifest_checksum(manifest):
         raise StoreError(f"{file} was edited or damaged: its checksum does not match its fields "
                          f"({', '.join(k for k in CHECKSUMMED if k in manifest)}); undo the edit or re-create the "
                          "store with `mctlib experts`")
-    # A manifest without "checksum" was written before stores carried one: validated, not verifiable.
     return manifest
 
 

@@ -165,3 +165,34 @@ def test_bad_thread_variable_is_a_usage_error(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["convexify", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "k")])
     assert exit_.value.code == 2 and "MCTLIB_THREADS='two'" in capsys.readouterr().err
+
+
+def test_the_distill_path_checks_each_thing_once(full_store, tmp_path, monkeypatch):
+    """The store is loaded and matched to the data once, the run folder's contents checked once, and the
+    --config file read once (before: twice each)."""
+    import mctlib.distill
+    import mctlib.rundir
+    import mctlib.storage
+
+    calls = {"load_store": 0, "check_match": 0, "folder_kind": 0, "config": 0}
+
+    def counted(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(mctlib.storage, "load_store", counted("load_store", mctlib.storage.load_store))
+    monkeypatch.setattr(mctlib.distill, "check_match", counted("check_match", mctlib.storage.check_match))
+    monkeypatch.setattr(mctlib.rundir, "folder_kind", counted("folder_kind", mctlib.rundir.folder_kind))
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"distill": {"syn_steps": 2}}))
+    real_read = type(config).read_text
+    monkeypatch.setattr(type(config), "read_text",
+                        lambda self, *a, **k: (calls.__setitem__("config", calls["config"] + (self == config)),
+                                               real_read(self, *a, **k))[1])
+    assert main(["distill", "--store", str(full_store), "--out", str(tmp_path / "run"), "--config", str(config),
+                 "--method", "mtt", "--no-progress", "--device", "cpu", "--dataset", "digits", "--data-image-size",
+                 "8", "--ipc", "1", "--expert-epochs", "2", "--max-start-epoch", "2", "--iterations", "1",
+                 "--eval-every", "0"]) == 0
+    assert calls == {"load_store": 1, "check_match": 1, "folder_kind": 1, "config": 1}

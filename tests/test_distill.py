@@ -85,7 +85,7 @@ def test_run_directory_records_config_metrics_and_synthetic_sets(data, stores, t
     assert [e["iteration"] for e in metrics["evals"]] == [0, 6, 12] and metrics["best"] is not None
     images, labels, alpha = load_synthetic(tmp_path / "run" / "synthetic_final.safetensors")
     assert torch.equal(images, result.images) and alpha == pytest.approx(result.alpha)
-    with pytest.raises(FileExistsError, match="resume"):
+    with pytest.raises(CheckpointError, match="already holds a run; pass --resume"):
         distill(cfg, stores[1], data, run_dir=tmp_path / "run", progress=False)
 
 

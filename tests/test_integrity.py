@@ -107,9 +107,23 @@ def test_a_malformed_manifest_gives_one_line_naming_the_field(store_dir, tmp_pat
     assert "field" in line and "manifest.json" in line
 
 
-def test_a_manifest_from_before_checksums_still_loads(store_dir, tmp_path):
-    store = _edited(store_dir, tmp_path, lambda m: m.pop("checksum"))
-    assert len(load_store(store).records) == 2
+@pytest.mark.parametrize("edit", [
+    lambda m: m.pop("checksum"),
+    lambda m: (m.pop("checksum"), m["net"].update(activation="sigmoid")),
+    lambda m: (m.pop("checksum"), m.update(epochs=5)),
+], ids=["only-removed", "activation-edited", "epochs-edited"])
+def test_a_manifest_without_its_checksum_is_refused_before_any_field_is_used(store_dir, tmp_path, capsys, edit):
+    """Before: trusted. With net.activation edited to sigmoid, distill trained a sigmoid network on ReLU
+    weights and exited 0; with epochs edited, the intact expert file was blamed. Now one line says the
+    manifest cannot be verified and how to re-create the store, and no run folder is made."""
+    store = _edited(store_dir, tmp_path, edit)
+    with pytest.raises(StoreError, match="has no checksum .* re-create the store with `mctlib experts`"):
+        load_store(store)
+    with pytest.raises(SystemExit) as exit_:
+        main(_cli_distill(store, tmp_path / "run"))
+    line = _one_line(capsys, "distill")
+    assert exit_.value.code == 2 and "manifest.json has no checksum" in line and "expert_" not in line
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -123,7 +137,7 @@ def _run(data, store_dir: Path, run: Path, **changes):
 def _rewrite_checkpoint(path: Path, tensors=None, state=None) -> None:
     """Change a checkpoint's tensors or state and write it back with its metadata (checksum included) as is."""
     with safe_open(path, "pt") as f:
-        meta = f.metadata()
+        meta = json.loads(f.metadata()["mctlib"])   # the checkpoint's metadata: one entry of sorted JSON
         loaded = {k: f.get_tensor(k) for k in f.keys()}
     if tensors:
         tensors(loaded)
@@ -131,7 +145,7 @@ def _rewrite_checkpoint(path: Path, tensors=None, state=None) -> None:
         info = json.loads(meta["state"])
         state(info)
         meta["state"] = json.dumps(info)
-    save_file(loaded, path, metadata=meta)
+    save_file(loaded, path, metadata={"mctlib": json.dumps(meta)})
 
 
 @pytest.fixture

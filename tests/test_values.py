@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from mctlib.cli import main, make_parser
 from mctlib.config import ExpertConfig
@@ -79,24 +78,36 @@ def test_evaluate_refuses_a_bad_baseline_lr_or_ipc(tmp_path, capsys, monkeypatch
 
 
 def _synthetic(path: Path, images: torch.Tensor, labels: torch.Tensor, alpha: float = 0.01) -> Path:
-    save_file({"images": images, "labels": labels, "alpha": torch.tensor([alpha])}, path)
+    """A well-formed, checksummed set whose recorded settings describe its images as they are."""
+    from mctlib.rundir import save_synthetic
+
+    c, size = images.shape[1], images.shape[-1]
+    settings = {"net": {**NET.to_dict(), "channels": c, "image_size": size}, "ipc": max(1, images.shape[0] // 10),
+                "dataset": {"name": "digits", "channels": c, "image_size": [size, size], "num_classes": 10,
+                            "zca": False}}
+    save_synthetic(path, images, labels, alpha, settings, {})
     return path
 
 
 @pytest.mark.parametrize("images, labels, alpha, words", [
     (torch.randn(10, 3, 8, 8), torch.arange(10), 0.01, "shape (10, 3, 8, 8); the network takes (N, 1, 8, 8)"),
     (torch.randn(10, 1, 16, 16), torch.arange(10), 0.01, "the network takes (N, 1, 8, 8)"),
-    (torch.randn(10, 1, 8, 8), torch.arange(10) + 5, 0.01, "labels run from 5 to 14; the network has 10 classes"),
-    (torch.randn(10, 1, 8, 8), -torch.arange(10), 0.01, "labels run from -9 to 0"),
-    (torch.randn(10, 1, 8, 8), torch.arange(9), 0.01, "must be 10 integers, one per image"),
+    (torch.randn(10, 1, 8, 8), torch.arange(10) + 5, 0.01, "labels per class [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1"),
+    (torch.randn(10, 1, 8, 8), -torch.arange(10), 0.01, "labels per class None"),
+    (torch.randn(10, 1, 8, 8), torch.arange(9), 0.01, "labels per class [1, 1, 1, 1, 1, 1, 1, 1, 1, 0]"),
     (torch.full((10, 1, 8, 8), float("nan")), torch.arange(10), 0.01, "must be finite"),
     (torch.randn(10, 1, 8, 8), torch.arange(10), float("inf"), "alpha = inf must be a finite positive number"),
 ], ids=["channels", "size", "labels-high", "labels-negative", "label-count", "nan-images", "inf-alpha"])
 def test_evaluate_refuses_a_synthetic_set_the_network_cannot_take(tmp_path, capsys, images, labels, alpha, words):
-    """Before: tracebacks from inside the first convolution or the loss."""
+    """Before: tracebacks from inside the first convolution or the loss. Labels that are not `ipc` per class
+    are refused as the set is read; the rest when evaluated on another network (--config overrides the
+    set's own)."""
     path = _synthetic(tmp_path / "syn.safetensors", images, labels, alpha)
     out = tmp_path / "e"
-    assert words in _refused(capsys, ["evaluate", "--synthetic", str(path), "--out", str(out), *FAST_EVAL, *TINY])
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"net": NET.to_dict(), "data": {"name": "digits", "image_size": 8}}))
+    assert words in _refused(capsys, ["evaluate", "--synthetic", str(path), "--out", str(out), *FAST_EVAL,
+                                      "--config", str(config)])
     assert not (out / "metrics.json").exists()
 
 
