@@ -325,6 +325,14 @@ def accuracy_along(model: FlatModel, points: torch.Tensor, images: torch.Tensor,
 
 # --- convexified trajectories (chapter 3) ------------------------------------------------------
 
+def layer_path_lengths(buffer: FullBuffer, layer_slices: Sequence[slice]) -> torch.Tensor:
+    """Per parameter tensor l, the arc length sum_e ||theta_{l,e+1} - theta_{l,e}|| of a full buffer: the
+    denominator of the arc-length beta (METHOD.md, chapter 3); shape (L,). A tensor that gets no gradient
+    (a convolution bias ahead of instance norm) has length 0 up to rounding, and its beta is noise."""
+    steps = buffer.params[1:].double() - buffer.params[:-1].double()
+    return torch.stack([steps[:, s].norm(dim=1).sum() for s in layer_slices])
+
+
 def record_points(record, taus: Sequence[float]) -> torch.Tensor:
     """theta(tau) of a FullBuffer or ConvexRecord at each tau; shape (len(taus), D)."""
     return torch.stack([record.point(float(t)) for t in taus])

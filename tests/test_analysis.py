@@ -12,6 +12,7 @@ from mctlib.analysis import (
     consecutive_cosines,
     cross_expert_cosines,
     interpolation_error,
+    layer_path_lengths,
     minibatch_sizes,
     noise_floor,
     order_replicas,
@@ -432,3 +433,10 @@ def test_prediction_losses_hand_computed_and_smallest_near_the_mean():
     at_mean = prediction_losses(draws.mean(0), draws).mean()
     assert at_mean < prediction_losses(draws.mean(0) * 1.2, draws).mean()
     assert at_mean < prediction_losses(draws[0], draws).mean()
+
+
+def test_layer_path_lengths_sum_each_layers_steps():
+    # layer 0 = entries 0..1 moves (3, 4) then (0, 1): lengths 5 + 1; layer 1 = entry 2 never moves
+    buf = FullBuffer(torch.tensor([[0.0, 0.0, 7.0], [3.0, 4.0, 7.0], [3.0, 5.0, 7.0]]))
+    lengths = layer_path_lengths(buf, (slice(0, 2), slice(2, 3)))
+    assert torch.allclose(lengths, torch.tensor([6.0, 0.0], dtype=torch.float64))
