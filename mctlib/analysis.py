@@ -98,6 +98,55 @@ def noise_floor(vectors: torch.Tensor) -> float:
     return float(spread / v.pow(2).sum(-1).mean())
 
 
+def redrawn_noise_floors(model: FlatModel, records: Sequence, windows: Sequence[tuple[int, float]],
+                         images: torch.Tensor, labels: torch.Tensor, recipe: SGDRecipe, replays: int, seed: int,
+                         augment: Augment | None = None) -> torch.Tensor:
+    """`noise_floor` of V_T at several windows: for each (expert index, start s) in `windows`, the
+    expert's theta_s trained again `replays` times for recipe.epochs epochs under fresh SGD noise
+    (`resampled_update_vectors`, seeds derived from (seed, expert, s, replay)); shape (len(windows),)."""
+    if replays < 2:
+        raise ValueError(f"replays = {replays}: a noise floor needs at least 2 redraws")
+    floors = []
+    for index, start in windows:
+        seeds = [derive_seed(seed, 101, int(index), int(round(4 * float(start))), r) for r in range(replays)]
+        floors.append(noise_floor(resampled_update_vectors(model, records[index].point(float(start)), images,
+                                                           labels, recipe, seeds, augment)))
+    return torch.tensor(floors, dtype=torch.float64)
+
+
+def order_replicas(model: FlatModel, theta0: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                   recipe: SGDRecipe, seeds: Sequence[int], augment: Augment | None = None) -> list[FullBuffer]:
+    """Full buffers of experts that share theta0 and differ only in their SGD noise (minibatch order
+    and augmentation draws, one seed each): the random process the paper's "instability" refers to
+    (chapter 3). One `train_networks` call, every epoch kept."""
+    snaps: list[torch.Tensor] = []
+    start = theta0.detach().reshape(1, -1).expand(len(seeds), -1).clone()
+    train_networks(model, start, images, labels, recipe, list(seeds), augment,
+                   on_epoch=lambda e, p: snaps.append(p.detach().clone()))
+    stacked = torch.stack(snaps, 1)
+    return [FullBuffer(stacked[i]) for i in range(len(seeds))]
+
+
+def window_spread(records: Sequence, expert_epochs: float, starts: Sequence[float]) -> torch.Tensor:
+    """For each start s, `noise_floor` of the targets V_T(s) of several records of one random process
+    (the full buffers of `order_replicas`, or their convexified records): how much the matching
+    target at that window depends on the draw; shape (len(starts),)."""
+    if len(records) < 2:
+        raise ValueError(f"need at least 2 records to measure a spread, got {len(records)}")
+    targets = torch.stack([update_vectors_at(r, expert_epochs, starts) for r in records], 1)  # (S, R, D)
+    return torch.tensor([noise_floor(t) for t in targets], dtype=torch.float64)
+
+
+def pairwise_losses(vectors: torch.Tensor) -> float:
+    """Mean of ||V_j - V_i||^2 / ||V_i||^2 over ordered pairs i != j of the rows of an (R, D) tensor: the
+    matching loss one draw of a target would pay against another draw (about twice the noise floor)."""
+    if vectors.dim() != 2 or vectors.shape[0] < 2:
+        raise ValueError(f"need an (R, D) tensor with R >= 2 draws, got {tuple(vectors.shape)}")
+    r = vectors.shape[0]
+    total = sum(prediction_losses(vectors[j], vectors[[i for i in range(r) if i != j]]).sum() for j in range(r))
+    return float(total / (r * (r - 1)))
+
+
 def update_vectors_at(record, expert_epochs: float, starts: Sequence[float]) -> torch.Tensor:
     """V_T(tau) = theta(min(tau + M, E)) - theta(tau) of a FullBuffer (integer tau only) or a
     ConvexRecord (any real tau): the matching targets the sampler hands the student; (len(starts), D)."""
@@ -174,13 +223,31 @@ def window_straightness(path: torch.Tensor, window: int) -> torch.Tensor:
     return chord / (cumulative[w:] - cumulative[:-w]).clamp_min(1e-300)
 
 
-def accuracy_drops(acc: torch.Tensor, min_drop: float = 0.0) -> torch.Tensor:
+def accuracy_drops(acc: torch.Tensor, min_drop: float = 0.0, where: torch.Tensor | None = None) -> torch.Tensor:
     """Fraction of consecutive steps along the last axis of `acc` where accuracy falls by more than
     `min_drop` (same units as acc); shape acc.shape[:-1]. On a test set of n images one image is
-    1/n, so a threshold of a few images keeps single-image flips from counting as drops."""
+    1/n, so a threshold of a few images keeps single-image flips from counting as drops.
+    `where` (bool, one entry per step, T - 1) counts only the steps it marks, e.g. the full-size
+    minibatches of `minibatch_sizes`."""
     if acc.shape[-1] < 2:
         raise ValueError(f"need at least two points along the last axis, got {tuple(acc.shape)}")
-    return (acc.diff(dim=-1) < -float(min_drop)).double().mean(-1)
+    drops = (acc.diff(dim=-1) < -float(min_drop)).double()
+    if where is None:
+        return drops.mean(-1)
+    if where.shape != drops.shape[-1:] or where.dtype != torch.bool or not where.any():
+        raise ValueError(f"where must be a bool mask of {drops.shape[-1]} steps marking at least one, "
+                         f"got {tuple(where.shape)} {where.dtype}")
+    return drops[..., where].mean(-1)
+
+
+def minibatch_sizes(num_images: int, batch_size: int, epochs: int) -> torch.Tensor:
+    """The size of each minibatch step of `epochs` epochs over `num_images` images, as
+    `training.train_networks` and `sgd_step_path` split them: full batches, then the ragged remainder
+    of each epoch (1347 = 5 x 256 + 67 for the digits); shape (steps,)."""
+    if num_images < 1 or batch_size < 1 or epochs < 1:
+        raise ValueError(f"num_images = {num_images}, batch_size = {batch_size} and epochs = {epochs} must be >= 1")
+    one = [min(batch_size, num_images - start) for start in range(0, num_images, batch_size)]
+    return torch.tensor(one * int(epochs))
 
 
 def path_straightness(buffer: FullBuffer, expert_epochs: int) -> torch.Tensor:
@@ -257,6 +324,14 @@ def accuracy_along(model: FlatModel, points: torch.Tensor, images: torch.Tensor,
 
 
 # --- convexified trajectories (chapter 3) ------------------------------------------------------
+
+def layer_path_lengths(buffer: FullBuffer, layer_slices: Sequence[slice]) -> torch.Tensor:
+    """Per parameter tensor l, the arc length sum_e ||theta_{l,e+1} - theta_{l,e}|| of a full buffer: the
+    denominator of the arc-length beta (METHOD.md, chapter 3); shape (L,). A tensor that gets no gradient
+    (a convolution bias ahead of instance norm) has length 0 up to rounding, and its beta is noise."""
+    steps = buffer.params[1:].double() - buffer.params[:-1].double()
+    return torch.stack([steps[:, s].norm(dim=1).sum() for s in layer_slices])
+
 
 def record_points(record, taus: Sequence[float]) -> torch.Tensor:
     """theta(tau) of a FullBuffer or ConvexRecord at each tau; shape (len(taus), D)."""

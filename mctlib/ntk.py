@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.func import grad_and_value, jacrev, jvp, linearize, vjp, vmap
 
 from .networks import FlatModel
+from .training import SGDRecipe, train_networks
 
 REDUCTIONS = ("mean", "sum")
 LOSSES = ("mse", "ce")
@@ -392,6 +393,16 @@ class ClassStructure:
     kernel_eigvals: torch.Tensor  # (N,) eigenvalues of K, descending; each is C-fold in K ⊗ I_C
     coupling: torch.Tensor        # (C, C) B of the nearest Kronecker product Θ0 ≈ K' ⊗ B (any B), trace C
     kron_residual: float          # ‖Θ0 − K' ⊗ B‖_F / ‖Θ0‖_F for that nearest product
+    kron_kernel: torch.Tensor | None = None  # (N, N) K' of that nearest product (so Θ0 ≈ K' ⊗ B)
+
+    def kron_eigvals(self) -> torch.Tensor:
+        """The eigenvalues K' ⊗ B would give Θ0, all products λ_i(K') μ_j(B), descending: what the nearest
+        Kronecker product predicts for the whole spectrum (the knee after rank C included)."""
+        if self.kron_kernel is None:
+            raise ValueError("this ClassStructure has no K' (build it with class_structure)")
+        lam = torch.linalg.eigvalsh(self.kron_kernel)
+        mu = torch.linalg.eigvalsh(self.coupling)
+        return torch.sort((lam[:, None] * mu[None, :]).reshape(-1), descending=True).values
 
 
 def class_structure(ntk: torch.Tensor, num_classes: int) -> ClassStructure:
@@ -417,10 +428,31 @@ def class_structure(ntk: torch.Tensor, num_classes: int) -> ClassStructure:
     rows = theta.reshape(n, num_classes, n, num_classes).permute(0, 2, 1, 3).reshape(n * n, num_classes ** 2)
     u, sv, vh = torch.linalg.svd(rows, full_matrices=False)
     coupling = vh[0].reshape(num_classes, num_classes)
-    coupling = coupling * (num_classes / coupling.trace())  # fix the free scale (and sign): trace B = C
+    scale = num_classes / coupling.trace()  # fix the free scale (and sign): trace B = C
+    coupling = coupling * scale
+    kron_kernel = (sv[0] * u[:, 0] / scale).reshape(n, n)  # K' ⊗ B = σ_1 u_1 v_1ᵀ, rearranged back
     kron_residual = float((1 - sv[0] ** 2 / sv.pow(2).sum()).clamp_min(0).sqrt())
     return ClassStructure(kernel=kernel, residual=residual, kernel_eigvals=eig, coupling=coupling,
-                          kron_residual=kron_residual)
+                          kron_residual=kron_residual, kron_kernel=kron_kernel)
+
+
+def full_batch_path(model: FlatModel, theta0: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                    lr: float, steps: int, augment=None, seed: int = 0) -> torch.Tensor:
+    """Every iterate of full-batch gradient descent with the experts' loss: (steps + 1, D), θ0 first.
+
+    Each step is one `training.train_networks` epoch whose single minibatch is the whole training set
+    (cross-entropy, plain SGD, the same `augment` as the experts, drawn afresh each step), so it is an
+    expert of the experts' own kind with the minibatch noise taken out (chapter 2: is the bend of the
+    experts' path SGD noise or the order in which the network learns?). With lr = k · expert lr, one
+    step stands for an epoch of k minibatch steps to first order.
+    """
+    if steps < 1 or lr <= 0:
+        raise ValueError(f"steps = {steps} must be >= 1 and lr = {lr} > 0")
+    path: list[torch.Tensor] = []
+    recipe = SGDRecipe(lr=float(lr), epochs=int(steps), batch_size=images.shape[0])
+    train_networks(model, theta0.detach().reshape(1, -1), images, labels, recipe, [int(seed)], augment,
+                   on_epoch=lambda e, p: path.append(p[0].detach().clone()))
+    return torch.stack(path)
 
 
 def chord_coordinates(path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,18 +21,22 @@ def update_vector_noise(consecutive: torch.Tensor, step_starts: torch.Tensor, st
                         epoch_starts: torch.Tensor, epoch_straightness: torch.Tensor, cross: torch.Tensor,
                         window_epochs: int):
     """Three views of the expert targets V_T: (a) cos between consecutive epochs' steps, one line per
-    expert; (b) ||V_T|| / path length over M-epoch windows of one SGD run, measured on every minibatch
-    iterate and on its epoch checkpoints only (x: the window's start, in epochs); (c) mean cos of
-    V_T across experts."""
+    expert; (b) ||V_T|| / path length over M-epoch windows of replayed SGD runs (one row each), measured
+    on every minibatch iterate and on their epoch checkpoints only (x: the window's start, in epochs);
+    (c) mean cos of V_T across experts."""
     fig, axes = new_figure(3, width=3.6)
     for i, row in enumerate(consecutive):
         axes[0].plot(range(1, len(row) + 1), row.numpy(), marker=".", alpha=0.8, label=f"expert {i}")
     axes[0].set(xlabel="epoch e", ylabel=r"cos($\theta_{e}-\theta_{e-1}$, $\theta_{e+1}-\theta_e$)",
                 title="(a) consecutive epoch steps", ylim=(-1, 1))
     axes[0].axhline(0, color="grey", lw=0.6)
-    axes[1].plot(step_starts.numpy(), step_straightness.numpy(), ".-", color="C3", label="every minibatch step")
-    axes[1].plot(epoch_starts.numpy(), epoch_straightness.numpy(), "s", color="k",
-                 mfc="none", label="epoch checkpoints only")
+    # one row per replayed run (a single run may be passed as a 1-D tensor)
+    for r, row in enumerate(torch.atleast_2d(step_straightness)):
+        axes[1].plot(step_starts.numpy(), row.numpy(), ".-", color="C3", alpha=0.7,
+                     label="every minibatch step" if r == 0 else None)
+    for r, row in enumerate(torch.atleast_2d(epoch_straightness)):
+        axes[1].plot(epoch_starts.numpy(), row.numpy(), "s", color="k", mfc="none",
+                     label="epoch checkpoints only" if r == 0 else None)
     axes[1].set(xlabel="window start (epoch)", ylabel=r"$\|V_T\|$ / path length", ylim=(0, 1.05),
                 title=f"(b) straightness of M = {window_epochs} windows")
     axes[1].legend(fontsize=6)
@@ -66,16 +70,27 @@ def waypoint_loss_and_target_norm(losses: torch.Tensor, starts, target_norms: to
     return fig
 
 
-def accuracy_along_sgd(epoch_acc: torch.Tensor, step_epochs: torch.Tensor, step_acc: torch.Tensor):
-    """(a) test accuracy of every expert checkpoint theta_e; (b) after every minibatch of one SGD run."""
+def accuracy_along_sgd(epoch_acc: torch.Tensor, step_epochs: torch.Tensor, step_acc: torch.Tensor,
+                       ragged: torch.Tensor | None = None):
+    """(a) test accuracy of every expert checkpoint theta_e; (b) after every minibatch of replayed SGD
+    runs (`step_acc` (R, T), one row per run, or (T,)). `ragged` (T - 1 bools, `analysis.minibatch_sizes`)
+    marks the steps taken on an epoch's short last minibatch: their end points are drawn as open circles."""
     fig, axes = new_figure(2, width=4.2)
     for i, row in enumerate(epoch_acc):
         axes[0].plot(range(len(row)), 100 * row.numpy(), marker=".", alpha=0.8, label=f"expert {i}")
     axes[0].set(xlabel="epoch e", ylabel="test accuracy (%)", title=r"(a) checkpoints $\theta_e$")
     axes[0].legend(fontsize=6)
-    axes[1].plot(step_epochs.numpy(), 100 * step_acc.numpy(), marker=".", color="C3")
+    runs = torch.atleast_2d(step_acc)
+    x = step_epochs.numpy()
+    for r, row in enumerate(runs):
+        axes[1].plot(x, 100 * row.numpy(), marker=".", ms=4, color=f"C{3 + r}", alpha=0.8, lw=1, label=f"run {r}")
+        if ragged is not None:
+            after = torch.cat([torch.zeros(1, dtype=torch.bool), ragged])
+            axes[1].plot(x[after.numpy()], 100 * row[after].numpy(), "o", ms=7, mfc="none", color="k",
+                         label="after the short last minibatch" if r == 0 else None)
     axes[1].set(xlabel="epoch (one dot per minibatch step)", ylabel="test accuracy (%)",
-                title="(b) every SGD step of one run")
+                title="(b) every SGD step of replayed runs")
+    axes[1].legend(fontsize=6)
     return fig
 
 
@@ -188,30 +203,40 @@ def eigen_progress(steps: torch.Tensor, linear, real):
 
 
 def chord_distance_and_accuracy(distances: list[torch.Tensor], along: list[torch.Tensor], path_acc: torch.Tensor,
-                                s: torch.Tensor, chord_acc: torch.Tensor, references: dict | None = None):
-    """Left: relative distance from the chord θ_0 → θ_E along each expert's SGD path (x: epoch / E),
-    with optional reference curves {label: (x, distance)}. Right: test accuracy along the chord
-    θ_0 + s(θ_E − θ_0) (mean, min–max band over experts), and along each SGD path with epoch e
-    placed at its position s_e along the chord (`along`)."""
-    fig, (ax_d, ax_a) = new_figure(2)
+                                s: torch.Tensor, chord_acc: torch.Tensor, small_paths: dict | None = None,
+                                expert_references: dict | None = None):
+    """Distance from the chord θ_0 → θ_end relative to its length, each panel on one time axis, and
+    accuracy along the chord. (a) The small ConvNet's paths {label: (steps, distance)} against the
+    gradient step; each gets its own style and marker, so curves that coincide stay visible. (b) Each
+    expert's SGD checkpoints against the epoch, with references {label: (epochs, distance)} (a
+    full-batch expert, one step per epoch). (c) Test accuracy along the chord θ_0 + s(θ_E − θ_0)
+    (mean, min–max band over experts), and along each SGD path with epoch e placed at its position
+    s_e along the chord (`along`)."""
+    fig, (ax_s, ax_d, ax_a) = new_figure(3, width=3.7)
+    styles = [("-", None, 2.6), ("--", "o", 1.2), ("-", None, 1.0), (":", "x", 1.4)]
+    for j, (label, (x, d)) in enumerate((small_paths or {}).items()):
+        ls, marker, lw = styles[j % len(styles)]
+        ax_s.plot(x.numpy(), d.numpy(), ls=ls, marker=marker, markevery=max(1, len(x) // 12), ms=3.5, mfc="none",
+                  lw=lw, color=f"C{j + 1}", alpha=0.9, label=label)
+    ax_s.set(xlabel="gradient step t", ylabel=r"distance from chord / $\|\theta_T-\theta_0\|$",
+             title="(a) small ConvNet", ylim=(0, None))
+    ax_s.legend(fontsize=6)
     for i, d in enumerate(distances):
-        x = torch.linspace(0, 1, len(d)).numpy()
-        ax_d.plot(x, d.numpy(), "o-", ms=2, color="C0", alpha=0.7, lw=1, label="SGD experts" if i == 0 else None)
-    for j, (label, (x, d)) in enumerate((references or {}).items()):
-        ax_d.plot(x.numpy(), d.numpy(), color=f"C{j + 1}", lw=1.5, ls="--", label=label)
-    ax_d.set_xlabel("fraction of the path (epoch / E, or step / T)")
-    ax_d.set_ylabel(r"distance from chord / $\|\theta_E-\theta_0\|$")
-    ax_d.legend(fontsize=7)
+        ax_d.plot(range(len(d)), d.numpy(), "o-", ms=2, color="C0", alpha=0.7, lw=1, label="SGD experts" if i == 0 else None)
+    for j, (label, (x, d)) in enumerate((expert_references or {}).items()):
+        ax_d.plot(x.numpy(), d.numpy(), "s--", ms=3.5, mfc="none", color=f"C{j + 5}", lw=1.5, label=label)
+    ax_d.set(xlabel="epoch e", ylabel=r"distance from chord / $\|\theta_E-\theta_0\|$",
+             title="(b) experts, width 64", ylim=(0, None))
+    ax_d.legend(fontsize=6)
     for i, (a, acc) in enumerate(zip(along, path_acc)):
         ax_a.plot(a.numpy(), acc.numpy(), "o-", ms=2.5, lw=1, color="C0", alpha=0.6,
                   label="SGD path, epoch e at its $s_e$" if i == 0 else None)
     ax_a.plot(s.numpy(), chord_acc.mean(0).numpy(), "s-", ms=3, color="C3", label="on the chord (mean)")
     ax_a.fill_between(s.numpy(), chord_acc.min(0).values.numpy(), chord_acc.max(0).values.numpy(),
                       color="C3", alpha=0.2)
-    ax_a.set_xlabel(r"position along the chord $s$")
-    ax_a.set_ylabel("test accuracy")
-    ax_a.legend(fontsize=7)
-    for ax in (ax_d, ax_a):
+    ax_a.set(xlabel=r"position along the chord $s$", ylabel="test accuracy", title="(c) experts: accuracy")
+    ax_a.legend(fontsize=6)
+    for ax in (ax_s, ax_d, ax_a):
         ax.grid(alpha=0.3)
     return fig
 
@@ -246,12 +271,16 @@ def beta_schedules(betas: dict, layers: dict, waypoint_epochs, errors: dict):
     return fig
 
 
-def window_fidelity_panels(fidelities: dict, window_epochs: float, noise_floor: float | None = None):
+def window_fidelity_panels(fidelities: dict, window_epochs: float, sgd_noise: dict | None = None,
+                           spreads: dict | None = None):
     """Window-level fidelity of convexified records against SGD (`analysis.WindowFidelity`), per start
     epoch: (a) cos(V_record, V_SGD), (b) ||V_record|| / ||V_SGD||, (c) the matching loss between the
-    two targets, with the SGD noise floor if given. `fidelities` maps a label to a list of
-    WindowFidelity, one per expert; lines are the mean over experts, bands min to max."""
-    fig, axes = new_figure(3, width=3.6)
+    two targets, with SGD's own noise in the same units if given ({label: (starts, values)}, e.g. the
+    loss between two SGD runs from one theta_0, `analysis.pairwise_losses`). `fidelities` maps a label
+    to a list of WindowFidelity, one per expert; lines are the mean over experts, bands min to max.
+    With `spreads` ({label: (starts, values)}, `analysis.window_spread`), a fourth panel (d) shows how
+    much each kind of target varies across experts that differ only in their SGD noise."""
+    fig, axes = new_figure(4 if spreads else 3, width=3.4)
     for c, (label, fids) in enumerate(fidelities.items()):
         x = fids[0].starts.numpy()
         for ax, field in zip(axes, ("cosine", "norm_ratio", "loss")):
@@ -263,12 +292,19 @@ def window_fidelity_panels(fidelities: dict, window_epochs: float, noise_floor: 
     axes[1].axhline(1, color="grey", lw=0.6)
     axes[1].set(xlabel="window start s (epoch)", ylabel=r"$\|V_T^{record}\| / \|V_T^{SGD}\|$",
                 title="(b) length", ylim=(0, None))
-    if noise_floor is not None:
-        axes[2].axhline(noise_floor, color="k", ls="--", lw=1, label="SGD noise floor")
+    for label, (x, y) in (sgd_noise or {}).items():
+        axes[2].plot(list(x), torch.as_tensor(y).numpy(), "k--", marker="x", ms=4, lw=1, label=label)
     axes[2].set(xlabel="window start s (epoch)", ylabel=r"$\|V^{record} - V^{SGD}\|^2 / \|V^{SGD}\|^2$",
                 title="(c) as a matching loss", ylim=(0, None))
     axes[0].legend(fontsize=7)
-    axes[2].legend(fontsize=7)
+    axes[2].legend(fontsize=6)
+    if spreads:
+        for c, (label, (x, y)) in enumerate(spreads.items()):
+            axes[3].plot(list(x), torch.as_tensor(y).numpy(), "o-" if c else "x--", ms=3.5,
+                         color="k" if c == 0 else f"C{c - 1}", label=label)
+        axes[3].set(xlabel="window start s (epoch)", ylabel=r"spread of $V_T$ across SGD runs (noise floor)",
+                    title="(d) same $\\theta_0$, other data order", ylim=(0, None))
+        axes[3].legend(fontsize=6)
     for ax in axes:
         ax.grid(alpha=0.3)
     return fig

@@ -12,12 +12,17 @@ from mctlib.analysis import (
     consecutive_cosines,
     cross_expert_cosines,
     interpolation_error,
+    layer_path_lengths,
+    minibatch_sizes,
     noise_floor,
+    order_replicas,
     pairwise_cosines,
+    pairwise_losses,
     path_straightness,
     pca_projection,
     prediction_losses,
     record_points,
+    redrawn_noise_floors,
     relative_spread,
     resampled_update_vectors,
     sgd_step_path,
@@ -28,6 +33,7 @@ from mctlib.analysis import (
     update_vectors_at,
     window_fidelity,
     window_samples,
+    window_spread,
     window_straightness,
 )
 from mctlib.networks import FlatModel, NetConfig, build_network
@@ -355,6 +361,67 @@ def test_accuracy_drops_with_a_threshold():
     assert torch.allclose(accuracy_drops(acc), torch.tensor([0.5, 0.0], dtype=torch.float64))
     # a drop of 0.01 (one image in a hundred) is not counted at a threshold of 0.02
     assert torch.allclose(accuracy_drops(acc, 0.02), torch.tensor([0.25, 0.0], dtype=torch.float64))
+    # only the marked steps count: steps 0 and 2 are drops of the first row, step 3 is not marked
+    where = torch.tensor([True, False, True, False])
+    assert torch.allclose(accuracy_drops(acc, 0.0, where), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(accuracy_drops(acc, 0.0, ~where), torch.tensor([0.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="bool mask of 4 steps"):
+        accuracy_drops(acc, 0.0, torch.ones(3, dtype=torch.bool))
+
+
+def test_minibatch_sizes_are_the_split_of_sgd_step_path():
+    assert minibatch_sizes(1347, 256, 2).tolist() == [256] * 5 + [67] + [256] * 5 + [67]
+    assert minibatch_sizes(512, 256, 1).tolist() == [256, 256]
+    model = FlatModel(build_network(TINY))
+    x, y = _data(n=20)
+    path = sgd_step_path(model, model.flatten(), x, y, SGDRecipe(lr=0.1, epochs=2, batch_size=8), seed=0)
+    assert len(minibatch_sizes(20, 8, 2)) == len(path) - 1 and minibatch_sizes(20, 8, 2).tolist() == [8, 8, 4] * 2
+    with pytest.raises(ValueError, match="batch_size"):
+        minibatch_sizes(10, 0, 1)
+
+
+def test_redrawn_noise_floors_are_noise_floors_of_resampled_update_vectors():
+    model, buffers, _ = _tiny_buffers(count=2, epochs=3)
+    x, y = _data()
+    recipe = SGDRecipe(lr=0.1, epochs=1, batch_size=8)
+    floors = redrawn_noise_floors(model, buffers, [(0, 1), (1, 2)], x, y, recipe, replays=3, seed=7)
+    assert floors.shape == (2,) and (floors > 0).all()
+    from mctlib.training import derive_seed
+    seeds = [derive_seed(7, 101, 1, 8, r) for r in range(3)]
+    again = noise_floor(resampled_update_vectors(model, buffers[1].point(2), x, y, recipe, seeds))
+    assert floors[1].item() == pytest.approx(again)
+    with pytest.raises(ValueError, match="at least 2"):
+        redrawn_noise_floors(model, buffers, [(0, 1)], x, y, recipe, replays=1, seed=0)
+
+
+def test_order_replicas_share_theta0_and_each_is_its_own_training_run():
+    model = FlatModel(build_network(TINY))
+    theta0 = FlatModel(build_network(TINY, seed=3)).flatten()
+    x, y = _data()
+    recipe = SGDRecipe(lr=0.1, epochs=2, batch_size=8)
+    reps = order_replicas(model, theta0, x, y, recipe, [4, 5])
+    assert len(reps) == 2 and all(r.params.shape == (3, theta0.numel()) for r in reps)
+    assert all(torch.equal(r.params[0], theta0) for r in reps)
+    alone = train_networks(model, theta0.unsqueeze(0), x, y, recipe, [5])[0]
+    assert torch.allclose(reps[1].params[-1], alone, atol=1e-6)
+    assert not torch.allclose(reps[0].params[-1], reps[1].params[-1])
+
+
+def test_window_spread_and_pairwise_losses_hand_computed():
+    # two straight "records" whose targets at every start are (1, 0) and (-1, 0) times the window length
+    a = FullBuffer(torch.arange(4.0).unsqueeze(1) * torch.tensor([[1.0, 0.0]]))
+    b = FullBuffer(torch.arange(4.0).unsqueeze(1) * torch.tensor([[-1.0, 0.0]]))
+    # mean 0, deviations of norm 1 each, divided by R - 1 = 1; E||V||^2 = 1: floor 2
+    assert torch.allclose(window_spread([a, b], 1, [0, 2]), torch.tensor([2.0, 2.0], dtype=torch.float64))
+    assert torch.allclose(window_spread([a, a], 1, [0, 1]), torch.zeros(2, dtype=torch.float64))
+    # ||(1,0) - (-1,0)||^2 / 1 = 4 in both orders; identical draws pay nothing
+    assert pairwise_losses(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(4.0)
+    v = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    by_hand = sum(((v[j] - v[i]).pow(2).sum() / v[i].pow(2).sum()).item()
+                  for i in range(3) for j in range(3) if i != j) / 6
+    assert pairwise_losses(v) == pytest.approx(by_hand)
+    with pytest.raises(ValueError, match="at least 2"):
+        window_spread([a], 1, [0])
 
 
 def test_prediction_losses_hand_computed_and_smallest_near_the_mean():
@@ -366,3 +433,10 @@ def test_prediction_losses_hand_computed_and_smallest_near_the_mean():
     at_mean = prediction_losses(draws.mean(0), draws).mean()
     assert at_mean < prediction_losses(draws.mean(0) * 1.2, draws).mean()
     assert at_mean < prediction_losses(draws[0], draws).mean()
+
+
+def test_layer_path_lengths_sum_each_layers_steps():
+    # layer 0 = entries 0..1 moves (3, 4) then (0, 1): lengths 5 + 1; layer 1 = entry 2 never moves
+    buf = FullBuffer(torch.tensor([[0.0, 0.0, 7.0], [3.0, 4.0, 7.0], [3.0, 5.0, 7.0]]))
+    lengths = layer_path_lengths(buf, (slice(0, 2), slice(2, 3)))
+    assert torch.allclose(lengths, torch.tensor([6.0, 0.0], dtype=torch.float64))

@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from mctlib.networks import FlatModel, NetConfig, build_network
 from mctlib.ntk import (EigenProgress, chord_coordinates, class_structure, closed_form_params, closed_form_trajectory, distance_from_chord,
-                        eigen_components, empirical_ntk, jacobian, linearise, points_on_chord, sample_kernel,
-                        spectrum, train_linearised_and_real)
+                        eigen_components, empirical_ntk, full_batch_path, jacobian, linearise, points_on_chord,
+                        sample_kernel, spectrum, train_linearised_and_real)
 
 TINY = NetConfig(arch="convnet", channels=1, num_classes=3, image_size=8, width=4, depth=2)
 
@@ -176,6 +176,28 @@ def test_minibatch_run_is_seeded_and_real_network_trains():
     assert torch.allclose(one.real_params[1], one.lin_params[1], atol=1e-6)
 
 
+def test_full_batch_path_takes_plain_gradient_steps_on_the_whole_set():
+    model, theta0, x = _convnet()
+    x = torch.cat([x, x.flip(-1)])
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    path = full_batch_path(model, theta0, x, labels, lr=0.05, steps=2)
+    assert path.shape == (3, model.numel) and torch.equal(path[0], theta0)
+    # independent route: the mean cross-entropy on all ten images, one autograd step at a time
+    theta = theta0.clone()
+    for k in (1, 2):
+        th = theta.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(th, x), labels), th)
+        theta = theta - 0.05 * g
+        assert torch.allclose(path[k], theta, atol=1e-6)
+    # augmentation is drawn from the seed: the same seed gives the same path
+    def flip(images, seed):
+        return images.flip(-1) if seed % 2 else images
+    a = full_batch_path(model, theta0, x, labels, 0.05, 3, flip, seed=4)
+    assert torch.equal(a, full_batch_path(model, theta0, x, labels, 0.05, 3, flip, seed=4))
+    with pytest.raises(ValueError, match="steps"):
+        full_batch_path(model, theta0, x, labels, 0.05, 0)
+
+
 # --- straightness ------------------------------------------------------------------------------
 
 def test_distance_from_chord_straight_and_hand_computed():
@@ -240,6 +262,9 @@ def test_class_structure_recovers_a_kronecker_kernel_and_measures_the_rest():
     assert fit.kron_residual == pytest.approx(0.0, abs=1e-7)
     assert torch.allclose(fit.coupling, b * (c / b.trace()), atol=1e-8)
     assert fit.residual > 0.1
+    # K' ⊗ B rebuilds the kernel, and its predicted spectrum is Θ0's (products λ_i(K') μ_j(B))
+    assert torch.allclose(torch.kron(fit.kron_kernel, fit.coupling), coupled, atol=1e-9)
+    assert torch.allclose(fit.kron_eigvals(), torch.linalg.eigvalsh(coupled).flip(0), atol=1e-8)
     assert class_structure(exact, c).kron_residual == pytest.approx(0.0, abs=1e-7)
     # on a real network's NTK the fit is the class-averaged sample kernel
     model, theta, x = _convnet(torch.float64)
