@@ -42,7 +42,7 @@ def test_fashion_mnist_presets_follow_the_standard_protocol_and_the_cpu_setting_
             cpu = get_preset(f"{method}-fashionmnist-cpu-ipc{ipc}")
             assert (cpu.net.width, cpu.net.image_size, cpu.data.image_size, cpu.data.train_per_class) == (64, 16, 16, 1000)
             # one waypoint every 17 epochs: the paper's spacing (K = 4 on 50 epochs)
-            assert (cpu.expert.epochs, cpu.expert.num_waypoints) == (17, 2)
+            assert (cpu.expert.epochs, cpu.expert.num_waypoints, cpu.expert.batch_size) == (17, 2, 64)
             assert "16x16" in cpu.note and "width 128" in cpu.note
     assert get_preset("mct-fashionmnist-ipc10").distill.expert_epochs == 15  # the MCT CIFAR-10 command
 
