@@ -5,6 +5,7 @@ Everything is session-scoped and sized for a 2-core CPU: the experts train in ab
 
 import contextlib
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,21 @@ from mctlib.networks import FlatModel, NetConfig, build_network
 # The whole suite runs on one intra-op thread: its tensors are tiny, results do not depend on the
 # thread count, and on a loaded 2-core machine torch's thread pool costs far more than it gives.
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--executed-chapters", metavar="DIR", default=None,
+                     help="the chapters as the book build executed them (_build/jupyter_execute/notebooks): every "
+                          "chapter must be there, fresh; without it they are checked only where a build left them")
+
+
+@pytest.fixture(scope="session")
+def executed_chapters(request) -> tuple[Path, bool]:
+    """(folder of the book build's executed chapters, whether each chapter must be there)."""
+    given = request.config.getoption("--executed-chapters")
+    return (Path(given).resolve() if given else ROOT / "_build" / "jupyter_execute" / "notebooks"), given is not None
 
 @contextlib.contextmanager
 def single_thread():
