@@ -49,7 +49,7 @@ CHAPTERS = {
         # one worker: spawned workers re-import torch (116 s against 50 s with one).
         papermill={"seed": 1, "ipcs": [1, 2], "num_seeds": 2, "iterations": 2, "eval_iterations": [1],
                    "num_eval": 1, "eval_epochs": 1, "random_subsets": 1, "full_data_epochs": 1, "num_experts": 2,
-                   "expert_epochs": 4, "ablation_iterations": 1, "workers": 1}),
+                   "expert_epochs": 3, "syn_steps": 2, "ablation_iterations": 1, "workers": 1}),
 }
 PAPERMILL = sorted(name for name, spec in CHAPTERS.items() if "papermill" in spec)
 
