@@ -12,8 +12,9 @@ import torch
 
 from mctlib.config import ExpertConfig
 from mctlib.data import load_dataset
-from mctlib.experts import train_experts
+from mctlib.experts import make_experts, train_experts
 from mctlib.networks import FlatModel, NetConfig, build_network
+from mctlib.storage import load_store, save_convexified
 
 # The whole suite runs on one intra-op thread: its tensors are tiny, results do not depend on the
 # thread count, and on a loaded 2-core machine torch's thread pool costs far more than it gives.
@@ -102,6 +103,30 @@ def full_buffers(expert_run):
 @pytest.fixture(scope="session")
 def init_seeds(expert_run):
     return expert_run[1]
+
+
+# The tiny experts that the distillation, CLI and fault tests share, as files: the CLI's
+# `--dataset digits --data-image-size 8 --net-image-size 8 --net-width 16 --net-depth 2`.
+TINY_NET = NetConfig(channels=1, num_classes=10, image_size=8, width=16, depth=2)
+TINY_EXPERTS = ExpertConfig(num_experts=2, epochs=6, record="full", batch_size=128)
+
+
+@pytest.fixture(scope="session")
+def digits8_all():
+    """scikit-learn digits at their native 8x8, every image (the CLI's --dataset digits --data-image-size 8)."""
+    return load_dataset("digits", image_size=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_stores(digits8_all, tmp_path_factory) -> dict:
+    """{"mtt": the full buffers of two 6-epoch experts of TINY_NET, "mct": their K = 3 convexified records
+    (waypoint_epochs [0, 3, 6])}, trained once per session. Every test shares them: read them, and copy
+    them to a test's own folder to change them."""
+    root = tmp_path_factory.mktemp("tiny_stores")
+    with single_thread():
+        full = make_experts(digits8_all, TINY_NET, TINY_EXPERTS, root / "full")
+    save_convexified(full, root / "convex", num_waypoints=3)
+    return {"mtt": full, "mct": load_store(root / "convex")}
 
 
 @pytest.fixture(scope="session")
