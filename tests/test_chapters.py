@@ -15,6 +15,8 @@ Per chapter, one dict below holds the parameter names these tests use.
 
 import json
 import re
+import sys
+import types
 from pathlib import Path
 
 import nbformat
@@ -68,11 +70,15 @@ def _tagged(cell, *tags) -> bool:
 def shell():
     """An in-process IPython (what a kernel runs cells in): real input history, which the check cell reads
     to find papermill's injected names, and no kernel to start."""
+    saved = sys.modules["__main__"], sys.displayhook, sys.excepthook
     config = Config()
     config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
+    # Its own module, not __main__: multiprocessing's spawn (parallel runs, later tests) reads __main__.__spec__.
+    shell = InteractiveShell.instance(config=config, user_module=types.ModuleType("chapter_cells"))
     yield shell
     InteractiveShell.clear_instance()
+    sys.modules.pop("chapter_cells", None)
+    sys.modules["__main__"], sys.displayhook, sys.excepthook = saved
 
 
 def _run_first_cells(shell, name: str, tmp_path: Path, parameters: dict, monkeypatch):
