@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from . import available_cores
 from .config import DistillConfig, EvalConfig
 from .data import Dataset
@@ -162,6 +160,10 @@ def parallel_jobs(fn, jobs: list[tuple], workers: int, progress: bool = False, d
         return []
     bar = None
     if progress:
+        # Imported only for a bar, as in distill and experts: in a kernel without ipywidgets, importing
+        # tqdm.auto prints a warning with a file path under the cell (chapter 4 shows no bar on digits).
+        from tqdm.auto import tqdm
+
         bar = tqdm(total=len(jobs), desc=desc, leave=False)
     if workers <= 1 or len(jobs) == 1:
         out = []
