@@ -1,6 +1,7 @@
-"""Shared small fixtures for the engine tests: a tiny ConvNet on 8x8 digits and its experts.
+"""Shared small fixtures for the engine tests: a tiny ConvNet on 8x8 digits and its experts, in memory
+(expert_run) and as stores on disk (tiny_stores); and the --executed-chapters option of test_chapters.
 
-Everything is session-scoped and sized for a 2-core CPU: the experts train in about a second.
+Everything is session-scoped and sized for a 2-core CPU: the experts train in about a second, once.
 """
 
 import contextlib
@@ -34,6 +35,7 @@ def executed_chapters(request) -> tuple[Path, bool]:
     """(folder of the book build's executed chapters, whether each chapter must be there)."""
     given = request.config.getoption("--executed-chapters")
     return (Path(given).resolve() if given else ROOT / "_build" / "jupyter_execute" / "notebooks"), given is not None
+
 
 @contextlib.contextmanager
 def single_thread():
@@ -105,8 +107,8 @@ def init_seeds(expert_run):
     return expert_run[1]
 
 
-# The tiny experts that the distillation, CLI and fault tests share, as files: the CLI's
-# `--dataset digits --data-image-size 8 --net-image-size 8 --net-width 16 --net-depth 2`.
+# The tiny experts of the tests that need them as files (distillation, several processes, the CLI, faults): in
+# the CLI's words `--dataset digits --data-image-size 8 --net-image-size 8 --net-width 16 --net-depth 2`.
 TINY_NET = NetConfig(channels=1, num_classes=10, image_size=8, width=16, depth=2)
 TINY_EXPERTS = ExpertConfig(num_experts=2, epochs=6, record="full", batch_size=128)
 
