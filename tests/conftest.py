@@ -1,22 +1,41 @@
-"""Shared small fixtures for the engine tests: a tiny ConvNet on 8x8 digits and its experts.
+"""Shared small fixtures for the engine tests: a tiny ConvNet on 8x8 digits and its experts, in memory
+(expert_run) and as stores on disk (tiny_stores); and the --executed-chapters option of test_chapters.
 
-Everything is session-scoped and sized for a 2-core CPU: the experts train in about a second.
+Everything is session-scoped and sized for a 2-core CPU: the experts train in about a second, once.
 """
 
 import contextlib
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from mctlib.config import ExpertConfig
 from mctlib.data import load_dataset
-from mctlib.experts import train_experts
+from mctlib.experts import make_experts, train_experts
 from mctlib.networks import FlatModel, NetConfig, build_network
+from mctlib.storage import load_store, save_convexified
 
 # The whole suite runs on one intra-op thread: its tensors are tiny, results do not depend on the
 # thread count, and on a loaded 2-core machine torch's thread pool costs far more than it gives.
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--executed-chapters", metavar="DIR", default=None,
+                     help="the chapters as the book build executed them (_build/jupyter_execute/notebooks): every "
+                          "chapter must be there, fresh; without it they are checked only where a build left them")
+
+
+@pytest.fixture(scope="session")
+def executed_chapters(request) -> tuple[Path, bool]:
+    """(folder of the book build's executed chapters, whether each chapter must be there)."""
+    given = request.config.getoption("--executed-chapters")
+    return (Path(given).resolve() if given else ROOT / "_build" / "jupyter_execute" / "notebooks"), given is not None
+
 
 @contextlib.contextmanager
 def single_thread():
@@ -86,6 +105,30 @@ def full_buffers(expert_run):
 @pytest.fixture(scope="session")
 def init_seeds(expert_run):
     return expert_run[1]
+
+
+# The tiny experts of the tests that need them as files (distillation, several processes, the CLI, faults): in
+# the CLI's words `--dataset digits --data-image-size 8 --net-image-size 8 --net-width 16 --net-depth 2`.
+TINY_NET = NetConfig(channels=1, num_classes=10, image_size=8, width=16, depth=2)
+TINY_EXPERTS = ExpertConfig(num_experts=2, epochs=6, record="full", batch_size=128)
+
+
+@pytest.fixture(scope="session")
+def digits8_all():
+    """scikit-learn digits at their native 8x8, every image (the CLI's --dataset digits --data-image-size 8)."""
+    return load_dataset("digits", image_size=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_stores(digits8_all, tmp_path_factory) -> dict:
+    """{"mtt": the full buffers of two 6-epoch experts of TINY_NET, "mct": their K = 3 convexified records
+    (waypoint_epochs [0, 3, 6])}, trained once per session. Every test shares them: read them, and copy
+    them to a test's own folder to change them."""
+    root = tmp_path_factory.mktemp("tiny_stores")
+    with single_thread():
+        full = make_experts(digits8_all, TINY_NET, TINY_EXPERTS, root / "full")
+    save_convexified(full, root / "convex", num_waypoints=3)
+    return {"mtt": full, "mct": load_store(root / "convex")}
 
 
 @pytest.fixture(scope="session")
