@@ -261,8 +261,8 @@ def sampling_spread(dataset: Dataset, configs: Iterable[DistillConfig], seed: in
                     workers: int = 1) -> Comparison:
     """Both methods at `count` sampling seeds (seed, seed + 1, ...) that share the initial images and the
     evaluation networks of `seed`: only the sampled windows (expert, start, minibatches, DSA) differ, so
-    the spread of their accuracies is the method's own instability, not the choice of images. The run of
-    `seed` itself is the main comparison's run of that seed."""
+    the spread of their accuracies is the method's own instability, not the choice of images. With the
+    main comparison's configs and prefix, the run of `seed` itself is that comparison's run."""
     configs = [c.replace(init_seed=seed) for c in configs]
     return compare_methods(dataset, configs, range(seed, seed + count), store_full, store_convex, eval_cfg, runs_dir,
                            prefix, device, progress, workers, eval_seed=seed)

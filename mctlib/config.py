@@ -301,13 +301,13 @@ _DIGITS = {1: dict(syn_steps=20, expert_epochs=2.0, max_start_epoch=10.0, lr_img
 
 # Fashion-MNIST on a 2-core CPU (chapter 4's default), departing from the standard protocol (28x28,
 # ConvNet width 128, 60,000 training images, 100 experts x 50 epochs, 5 networks x 1000 epochs) where the
-# time demands it: 16x16 images, width 64, a class-balanced 10,000-image training set, 5 experts x 17
+# time demands it: 16x16 images, width 64, a class-balanced 10,000-image training set, 4 experts x 17
 # epochs recorded as K = 2 waypoints (one segment of 17 epochs, the paper's spacing), 3 networks x 300
 # epochs. The experts' batch is 64, so that an epoch of the smaller set is 156 SGD steps, near the 234
 # of the standard 256 on 60,000 images (with 256 it would be 40, and the experts would stop short). The matching values are the digits ones (those of the CIFAR presets of the same kind);
 # lr_lr is the first of the candidates that chapter 4's rule tries.
 _CPU_DATA = dict(image_size=16, train_per_class=1000)
-_CPU_EXPERT = dict(num_experts=5, epochs=17, num_waypoints=2, batch_size=64)
+_CPU_EXPERT = dict(num_experts=4, epochs=17, num_waypoints=2, batch_size=64)
 _CPU_DISTILL = dict(syn_steps=20, expert_epochs=2.0, max_start_epoch=10.0, lr_img=100.0, lr_lr=1e-5, lr_teacher=0.01)
 
 
@@ -357,7 +357,7 @@ def _cpu_preset(method: str, dataset: str, ipc: int) -> Preset:
         expert=ExpertConfig(**_CPU_EXPERT, record="full" if method == "mtt" else "convex"),
         distill=DistillConfig(method=method, ipc=ipc, **_CPU_DISTILL, iterations=50, eval_every=50),
         eval=EvalConfig(num_eval=3, epochs=300),
-        note=f"CPU setting for {dataset}: 16x16, width 64, 1000 training images per class, 5 experts x 17 epochs "
+        note=f"CPU setting for {dataset}: 16x16, width 64, 1000 training images per class, 4 experts x 17 epochs "
              "at batch 64, K = 2, 3 networks x 300 epochs (the standard protocol: 28x28, width 128, all images, "
              "100 x 50 at batch 256, 5 x 1000)",
     )
