@@ -358,7 +358,7 @@ def _join_ranks(args):
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """The library's own errors, each raised with a message that names the fix."""
-    from .data import DatasetError
+    from .sources import DatasetError
     from .distributed import DistributedError
     from .rundir import CheckpointError, FolderBusyError, SyntheticSetError
     from .storage import DestinationError, StoreError

@@ -1,4 +1,4 @@
-"""mctlib.data: every loader reads files written in the dataset's real on-disk format."""
+"""mctlib.data and mctlib.sources: every loader reads files written in the dataset's real on-disk format."""
 
 from __future__ import annotations
 
@@ -16,20 +16,22 @@ import torch
 from mctlib.data import (
     DATASET_INFO,
     DATASETS,
+    ZCA,
+    Dataset,
+    balanced_subset,
+    class_indices,
+    load_dataset,
+    real_images_per_class,
+)
+from mctlib.sources import (
     IDX_FILES,
     IDX_IMAGES,
     IDX_LABELS,
     IDX_SHA256,
     SYSTEM_DATASETS,
-    ZCA,
-    Dataset,
     DatasetError,
-    balanced_subset,
-    class_indices,
     find_idx_files,
-    load_dataset,
     read_idx,
-    real_images_per_class,
 )
 
 RNG = np.random.default_rng(0)
