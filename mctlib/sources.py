@@ -324,7 +324,7 @@ def _without_md5(cls: type, **overrides: Any) -> type:
 
 
 def read_cifar(key: str, root: Path, download: bool, verify: bool) -> Raw:
-    """CIFAR-10 or CIFAR-100 (`key`) from torchvision's cifar-*-batches-py folder under `root`, md5-checked when `verify`."""
+    """CIFAR-10 or CIFAR-100 (`key`) from torchvision's batches folder under `root`, md5-checked when `verify`."""
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if key == "cifar10" else datasets.CIFAR100
