@@ -212,13 +212,13 @@ def load_dataset(
 ) -> Dataset:
     """Load a real dataset D, normalised with its training statistics, optionally ZCA-whitened.
 
-    name: one of `DATASETS`. root: folder holding the datasets (default `default_root()`).
-    Fashion-MNIST is also found where Debian's `dataset-fashion-mnist` installs it (`SYSTEM_DATASETS`).
+    name: one of `DATASETS`. root: folder holding the datasets (default `sources.default_root()`).
+    Fashion-MNIST is also found where Debian's `dataset-fashion-mnist` installs it (`sources.SYSTEM_DATASETS`).
     download: let torchvision fetch a missing dataset (not possible for digits, which ships with
     scikit-learn, nor for tiny_imagenet, which must be unzipped by hand).
     image_size: square side to resize to (bilinear); default `DATASET_INFO[name].image_size`.
     verify_checksums: compare CIFAR and SVHN files with torchvision's published md5 sums, and
-    Fashion-MNIST's content with its published sha256 (`IDX_SHA256`), before reading them.
+    Fashion-MNIST's content with its published sha256 (`sources.IDX_SHA256`), before reading them.
     A download always verifies.
     """
     key = _key(name)
