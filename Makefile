@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 # loader's message, which also names download=True for a machine with internet access.
 FASHION_MNIST_DEB := dataset-fashion-mnist
 data: $(STAMP)
-	@$(PY) -c "from mctlib.data import find_idx_files; raise SystemExit(find_idx_files('fashion_mnist') is None)" \
+	@$(PY) -c "from mctlib.sources import find_idx_files; raise SystemExit(find_idx_files('fashion_mnist') is None)" \
 	|| if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "Installing Fashion-MNIST: apt-get install $(FASHION_MNIST_DEB)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FASHION_MNIST_DEB) >/dev/null) \

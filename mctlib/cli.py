@@ -13,23 +13,46 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
 
-from .config import DataConfig, DistillConfig, EvalConfig, ExpertConfig, get_preset, presets
-from .device import PRECISIONS
-from .networks import NetConfig
+import torch
+
+from .config import (
+    FLOAT32_MAX,
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    ExpertConfig,
+    LimitError,
+    check_limits,
+    get_preset,
+    presets,
+)
+from .data import DATASET_INFO, load_data
+from .device import PRECISIONS, compute_identity, configure_threads, resolve_device, versions
+from .networks import NetConfig, build_network
+from .rundir import (
+    CONFIG,
+    CheckpointError,
+    FolderBusyError,
+    RunFolder,
+    SyntheticSetError,
+    check_out,
+    config_differences,
+    folder_lock,
+    listed,
+    read_synthetic,
+)
+from .sources import DatasetError
+from .storage import DestinationError, StoreError, atomic_write_json, check_destination, load_store, save_convexified
 
 SECTIONS = {"data": DataConfig, "net": NetConfig, "expert": ExpertConfig, "distill": DistillConfig, "eval": EvalConfig}
 FLAG_PREFIX = {"data": "data-", "net": "net-", "expert": "expert-", "distill": "", "eval": "eval-"}
-
-
-# The largest finite float32: every float setting becomes a float32 tensor somewhere.
-FLOAT32_MAX = 3.4028234663852886e38
-# Images are resized to at most this many pixels a side (Tiny ImageNet, the largest preset, has 64).
-MAX_IMAGE_SIZE = 1024
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,6 +155,10 @@ def build_configs(args: argparse.Namespace, sections: list[str], primary: str,
     for s in sections:
         try:
             configs[s] = SECTIONS[s].from_dict(values[s])
+            if s == "net":  # NetConfig lives below config.py, so it cannot check its limits itself
+                check_limits(configs[s])
+        except LimitError as err:  # the value's words, with the flag that set it
+            parser.error(f"{_flag_for(s, err.field, primary)} {err.shown} {err.reason}")
         except (ValueError, TypeError) as err:
             message = str(err)
             match = re.search(r"(\w+Config)\.(\w+)", message)
@@ -139,8 +166,6 @@ def build_configs(args: argparse.Namespace, sections: list[str], primary: str,
                 sec = next(k for k, v in SECTIONS.items() if v.__name__ == match.group(1))
                 message = f"{_flag_for(sec, match.group(2), primary)}: {message}"
             parser.error(message)
-    for s, cfg in configs.items():
-        _check_values(cfg, s, primary, parser)
     if "net" in configs:
         _check_net_size(configs["net"], primary, parser)
     return configs
@@ -149,12 +174,6 @@ def build_configs(args: argparse.Namespace, sections: list[str], primary: str,
 def _check_net_size(net: NetConfig, primary: str, parser) -> None:
     """A network whose parameters alone exceed this machine's memory, refused before it is built (its
     shape is worked out on torch's meta device, which allocates nothing)."""
-    import os
-
-    import torch
-
-    from .networks import build_network
-
     flags = ", ".join(_flag_for("net", f, primary) for f in ("width", "depth"))
     try:
         with torch.device("meta"):
@@ -170,27 +189,8 @@ def _check_net_size(net: NetConfig, primary: str, parser) -> None:
                      f"machine's {memory / 2**30:.3g} GiB of memory; lower {flags}")
 
 
-def _check_values(cfg, section: str, primary: str, parser) -> None:
-    """What the configs' own ranges leave open and the engine cannot take: floats beyond float32, seeds
-    outside [0, 2**63), image sizes beyond MAX_IMAGE_SIZE."""
-    for f in dataclasses.fields(cfg):
-        value, flag = getattr(cfg, f.name), _flag_for(section, f.name, primary)
-        if isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
-            parser.error(f"{flag} {value:g} is beyond what float32 holds (at most {FLOAT32_MAX:.3g}); give a "
-                         "smaller value")
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2 ** 63:
-            parser.error(f"{flag} {value} is beyond what a 64-bit integer holds; give a smaller value")
-        if f.name == "seed" and not 0 <= value < 2 ** 63:
-            parser.error(f"{flag} {value} must be a non-negative integer below 2**63")
-        if f.name == "image_size" and value is not None and value > MAX_IMAGE_SIZE:
-            parser.error(f"{flag} {value} is larger than mctlib resizes images to (at most {MAX_IMAGE_SIZE} pixels "
-                         "a side)")
-
-
 def _fit_net_to_data(values: dict, args) -> None:
     """Without a preset, shape the network to the dataset (channels, classes, image size)."""
-    from .data import DATASET_INFO
-
     name = values["data"].get("name", "digits")
     if name in DATASET_INFO:
         info = DATASET_INFO[name]
@@ -273,8 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # the command as given, for the one that continues a diverged run
     if args.command != "presets":
-        from .device import configure_threads
-
         try:
             configure_threads()
         except ValueError as err:  # a bad $MCTLIB_THREADS
@@ -333,8 +331,6 @@ def _continue_hint(args, err) -> str:
 
     if args.command != "distill" or not isinstance(err, DivergenceError) or not err.field:
         return ""
-    import shlex
-
     flag = "--" + err.field.replace("_", "-")
     kept, skip = [], False
     for word in args.argv:
@@ -358,10 +354,7 @@ def _join_ranks(args):
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """The library's own errors, each raised with a message that names the fix."""
-    from .data import DatasetError
     from .distributed import DistributedError
-    from .rundir import CheckpointError, FolderBusyError, SyntheticSetError
-    from .storage import DestinationError, StoreError
 
     # FloatingPointError: a divergence (distill, evaluation, expert training), each naming the step size to lower.
     return (StoreError, DatasetError, CheckpointError, FloatingPointError, DestinationError, DistributedError,
@@ -370,10 +363,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _device(args, sp):
     """The --device, checked before any work (a missing GPU is one line, not a traceback)."""
-    import torch
-
-    from .device import resolve_device
-
     try:
         device = resolve_device(args.device)
     except (ValueError, RuntimeError) as err:
@@ -388,8 +377,6 @@ def _device(args, sp):
 
 
 def _destination(args, sp) -> Path:
-    from .storage import DestinationError, check_destination
-
     try:
         check_destination(args.out)
     except DestinationError as err:
@@ -403,8 +390,6 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 
 def _load_data(cfg: DataConfig, group=None):
-    from .data import load_data
-
     def load():
         return load_data(cfg)
 
@@ -419,8 +404,6 @@ def _load_data(cfg: DataConfig, group=None):
 def _out_folder(args, sp, wants: str):
     """--out checked (writable, not holding another kind of output) and locked: the writer's lock, taken
     before anything is computed, so a second writer stops at once. Ranks other than 0 only check."""
-    from .rundir import CheckpointError, check_out, folder_lock
-
     out = _destination(args, sp)
     writer = args.group is None or args.group.writer
     lock = folder_lock(out) if writer else None
@@ -482,8 +465,6 @@ def _check_net_data(sp, net: NetConfig, data) -> None:
 
 
 def _convexify(args, parser) -> int:
-    from .storage import load_store, save_convexified
-
     sp = _subparser(parser, "convexify")
     args.group = None
     _destination(args, sp)
@@ -510,8 +491,6 @@ def _distill(args, parser) -> int:
     sp = _subparser(parser, "distill")
     c = build_configs(args, ["distill", "eval", "data"], "distill", sp)
     from .distill import distill
-    from .rundir import CheckpointError, RunFolder
-    from .storage import StoreError, load_store
 
     out = _destination(args, sp)
     device = _device(args, sp) if args.group is None else args.group.device
@@ -568,8 +547,6 @@ def _settings_of_set(args, c: dict, synthetic, sp) -> dict:
     """A synthetic set is evaluated on the network and data it was distilled for, which its checksummed
     file holds, unless --preset or --config say otherwise. A config.json beside it that disagrees is
     refused: one of the two was altered."""
-    from .rundir import CONFIG, config_differences, listed
-
     settings = synthetic.settings
     beside = Path(args.synthetic).parent / CONFIG
     if beside.exists():
@@ -607,10 +584,7 @@ def _evaluate(args, parser) -> int:
         sp.error(f"--ipc {ipc} must be >= 1 (images per class of the random_real baseline)")
     device = _device(args, sp) if args.group is None else args.group.device
     share = args.group
-    from .device import compute_identity, versions
     from .evaluate import EvaluationDivergedError, evaluate_synthetic, full_data_baseline, random_real_baseline
-    from .rundir import SyntheticSetError, read_synthetic
-    from .storage import atomic_write_json
 
     if args.synthetic:
         try:

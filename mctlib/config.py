@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .data import DATASET_INFO, DATASETS
-from .networks import NetConfig
+from .networks import ARCHS, NetConfig
 
 METHODS = ("mtt", "mct")
 SAMPLINGS = ("integer", "continuous")
@@ -23,8 +23,43 @@ BETA_SCHEDULES = ("arc_length", "uniform", "projected")
 INITS = ("real", "noise")
 
 
+# The largest finite float32: every float setting becomes a float32 tensor somewhere.
+FLOAT32_MAX = 3.4028234663852886e38
+# Images are resized to at most this many pixels a side (Tiny ImageNet, the largest preset, has 64).
+MAX_IMAGE_SIZE = 1024
+
+
 def _fail(cls: str, name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{cls}.{name} = {value!r} is invalid: {allowed}")
+
+
+class LimitError(ValueError):
+    """A value its field's range allows but the engine cannot take. `reason` reads after the value, so the
+    command line can name its flag instead: `--lr 1e+300 is beyond what float32 holds ...`."""
+
+    def __init__(self, config: str, field: str, shown: str, reason: str) -> None:
+        super().__init__(f"{config}.{field} = {shown} {reason}")
+        self.config, self.field, self.shown, self.reason = config, field, shown, reason
+
+
+def check_limits(cfg: Any) -> None:
+    """What a config's own ranges leave open and the engine cannot take: floats beyond float32, integers beyond
+    64 bits, seeds outside [0, 2**63), image sizes beyond MAX_IMAGE_SIZE. Every config of this module runs it on
+    creation; `NetConfig` (networks.py, below this module) is checked by whoever builds one from user input."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        shown, reason = str(value), None
+        if isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            shown = f"{value:g}"
+            reason = f"is beyond what float32 holds (at most {FLOAT32_MAX:.3g}); give a smaller value"
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2 ** 63:
+            reason = "is beyond what a 64-bit integer holds; give a smaller value"
+        elif f.name == "seed" and not 0 <= value < 2 ** 63:
+            reason = "must be a non-negative integer below 2**63"
+        elif f.name == "image_size" and value is not None and value > MAX_IMAGE_SIZE:
+            reason = f"is larger than mctlib resizes images to (at most {MAX_IMAGE_SIZE} pixels a side)"
+        if reason:
+            raise LimitError(type(cfg).__name__, f.name, shown, reason)
 
 
 class _Config:
@@ -105,6 +140,7 @@ class DataConfig(_Config):
         self._choice("name", DATASETS)
         self._range("image_size", 1)
         self._range("train_per_class", 1)
+        check_limits(self)
 
 
 @dataclass
@@ -141,6 +177,7 @@ class ExpertConfig(_Config):
                 _fail("ExpertConfig", "num_waypoints", self.num_waypoints,
                       f"K waypoints need at least K - 1 = {self.num_waypoints - 1} epochs and epochs = {self.epochs}: "
                       f"set num_waypoints <= {self.epochs + 1} or more epochs")
+        check_limits(self)
 
 
 @dataclass
@@ -202,6 +239,7 @@ class DistillConfig(_Config):
                                            or self.max_start_epoch != int(self.max_start_epoch)):
             _fail("DistillConfig", "expert_epochs", self.expert_epochs,
                   "integer sampling needs whole-number expert_epochs and max_start_epoch")
+        check_limits(self)
 
     @property
     def resolved_sampling(self) -> str:
@@ -234,11 +272,10 @@ class EvalConfig(_Config):
         self._range("momentum", 0, 1)
         self._range("weight_decay", 0)
         self._range("batch_size", 1)
-        from .networks import ARCHS
-
         for arch in self.archs:
             if arch not in ARCHS:
                 _fail("EvalConfig", "archs", self.archs, f"each must be one of {list(ARCHS)}")
+        check_limits(self)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from a run directory when one already holds them.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .device import versions
-from .storage import atomic_write_json
+from .experts import make_experts
+from .storage import atomic_write_json, load_store
 
 
 class ParameterError(ValueError):
@@ -77,8 +79,6 @@ def check_parameter_names(known, history: list[str] | None = None) -> None:
     source starts with papermill's "# Parameters" comment) is read from IPython's input history;
     outside IPython, or where nothing was injected, there is nothing to check.
     """
-    import ast
-
     if history is None:
         try:
             history = list(get_ipython().user_ns.get("In", []))  # type: ignore[name-defined]  # noqa: F821
@@ -128,9 +128,6 @@ def cached_experts(dataset, net, expert_cfg, root: str | Path = "runs", device=N
     trained it, trained and saved otherwise (into a temporary folder renamed into place). With `workers`
     > 1 the experts train in that many processes at once, in ensembles of ceil(experts / workers): the
     ensemble size is part of the store's name, since it is part of how the bits came about."""
-    from .experts import make_experts
-    from .storage import load_store
-
     root = Path(root)
     desc = dataset.describe()
     ensemble_size = -(-expert_cfg.num_experts // workers) if workers > 1 else 8

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mctlib.cli import main, make_parser
+from mctlib.config import FLOAT32_MAX, DataConfig, DistillConfig, EvalConfig, ExpertConfig, LimitError
 
 TINY_NET = ["--dataset", "digits", "--data-image-size", "8", "--net-width", "16", "--net-depth", "2"]
 
@@ -121,10 +122,10 @@ def test_check_receives_its_own_flags(capsys):
 
 
 def test_work_commands_configure_threads_first(monkeypatch, tmp_path):
-    import mctlib.device
+    import mctlib.cli
 
     calls = []
-    monkeypatch.setattr(mctlib.device, "configure_threads", lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(mctlib.cli, "configure_threads", lambda *a, **k: calls.append(a) or {})
     assert main(["convexify", "--store", str(tmp_path / "missing"), "--out", str(tmp_path / "k")]) == 1
     assert calls == [()]
     main(["presets"])  # listing presets does no work and leaves torch alone
@@ -170,6 +171,7 @@ def test_bad_thread_variable_is_a_usage_error(monkeypatch, tmp_path, capsys):
 def test_the_distill_path_checks_each_thing_once(full_store, tmp_path, monkeypatch):
     """The store is loaded and matched to the data once, the run folder's contents checked once, and the
     --config file read once (before: twice each)."""
+    import mctlib.cli
     import mctlib.distill
     import mctlib.rundir
     import mctlib.storage
@@ -182,7 +184,9 @@ def test_the_distill_path_checks_each_thing_once(full_store, tmp_path, monkeypat
             return real(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(mctlib.storage, "load_store", counted("load_store", mctlib.storage.load_store))
+    load_store = counted("load_store", mctlib.storage.load_store)
+    for module in (mctlib.storage, mctlib.cli):  # the CLI holds its own name for it
+        monkeypatch.setattr(module, "load_store", load_store)
     monkeypatch.setattr(mctlib.distill, "check_match", counted("check_match", mctlib.storage.check_match))
     monkeypatch.setattr(mctlib.rundir, "folder_kind", counted("folder_kind", mctlib.rundir.folder_kind))
     config = tmp_path / "c.json"
@@ -196,3 +200,18 @@ def test_the_distill_path_checks_each_thing_once(full_store, tmp_path, monkeypat
                  "8", "--ipc", "1", "--expert-epochs", "2", "--max-start-epoch", "2", "--iterations", "1",
                  "--eval-every", "0"]) == 0
     assert calls == {"load_store": 1, "check_match": 1, "folder_kind": 1, "config": 1}
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: DistillConfig(lr_img=1e300), "DistillConfig.lr_img = 1e+300 is beyond what float32 holds"),
+    (lambda: ExpertConfig(seed=-1), "ExpertConfig.seed = -1 must be a non-negative integer below 2**63"),
+    (lambda: DataConfig(image_size=2000), "DataConfig.image_size = 2000 is larger than mctlib resizes images to"),
+    (lambda: EvalConfig(epochs=2 ** 63), f"EvalConfig.epochs = {2 ** 63} is beyond what a 64-bit integer holds"),
+])
+def test_the_configs_refuse_what_the_engine_cannot_take_without_the_command_line(make, words):
+    """The limits the command line reports with a flag (`--lr-img 1e+300 ...`) are the configs' own: a config
+    built in Python is refused with the same words, naming its field."""
+    with pytest.raises(LimitError) as err:
+        make()
+    assert str(err.value).startswith(words)
+    assert FLOAT32_MAX == torch.finfo(torch.float32).max  # the float limit is float32's own

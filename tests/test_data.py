@@ -1,4 +1,4 @@
-"""mctlib.data: every loader reads files written in the dataset's real on-disk format."""
+"""mctlib.data and mctlib.sources: every loader reads files written in the dataset's real on-disk format."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import hashlib
 import pickle
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +18,22 @@ import torch
 from mctlib.data import (
     DATASET_INFO,
     DATASETS,
+    ZCA,
+    Dataset,
+    balanced_subset,
+    class_indices,
+    load_dataset,
+    real_images_per_class,
+)
+from mctlib.sources import (
     IDX_FILES,
     IDX_IMAGES,
     IDX_LABELS,
     IDX_SHA256,
     SYSTEM_DATASETS,
-    ZCA,
-    Dataset,
     DatasetError,
-    balanced_subset,
-    class_indices,
     find_idx_files,
-    load_dataset,
     read_idx,
-    real_images_per_class,
 )
 
 RNG = np.random.default_rng(0)
@@ -577,3 +581,10 @@ def test_balanced_subset_by_hand():
         balanced_subset(ds, 5, seed=0)
     with pytest.raises(ValueError, match="per_class must be a positive integer"):
         balanced_subset(ds, 0, seed=0)
+
+
+def test_the_readers_do_not_import_the_dataset_module():
+    """The dependency runs one way: data.py prepares what sources.py reads, and sources.py needs nothing from it."""
+    code = "import sys, mctlib.sources; print('mctlib.data' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
