@@ -87,7 +87,8 @@ def describe_difference(interval: dict, margin: float, scale: float = 100.0, uni
     and the equivalence margin ±margin (in the interval's units before scaling)."""
     text = describe_interval(interval, scale, unit, digits)
     word = verdict(interval, margin)
-    m = f"±{scale * margin:.{digits}g} {unit}"
+    one = unit.endswith("s") and abs(scale * margin) == 1  # "±1 point", "±2 points"
+    m = f"±{scale * margin:.{digits}g} {unit[:-1] if one else unit}"
     return text + {
         "higher": ": the interval excludes zero (higher)",
         "lower": ": the interval excludes zero (lower)",

@@ -54,6 +54,8 @@ def test_describe_difference_states_the_interval_and_the_margin():
     assert "excludes zero (higher)" in text
     wide = paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 2.0, 1: 4.0, 2: 3.0})
     assert "neither a difference nor an equivalence" in describe_difference(wide, margin=0.005)
+    assert "margin of ±1 point," in describe_difference(wide, margin=0.01)
+    assert "margin of ±2 points," in describe_difference(wide, margin=0.02)
 
 
 def test_std_interval_matches_the_chi_square_table():
