@@ -152,6 +152,14 @@ def stability_summary(sampling: Comparison, main: Comparison, margin_noise: floa
                      f"[{100 * finals['std_low']:.2f}, {100 * finals['std_high']:.2f}] | "
                      f"{noise['mean']:.1%} ± {noise['std']:.1%} |")
     a, b = labels
+    lo = {m: values[f"{m.lower()}_sampling_std_low"] for m in labels}
+    hi = {m: values[f"{m.lower()}_sampling_std_high"] for m in labels}
+    if hi[b] < lo[a] or hi[a] < lo[b]:
+        low, high = (b, a) if hi[b] < lo[a] else (a, b)
+        values["sampling_std_text"] = f"{low}'s interval lies wholly below {high}'s: {low} is the more stable here"
+    else:
+        values["sampling_std_text"] = (f"the two intervals overlap, so with {values[a.lower() + '_sampling_seeds']} "
+                                       "sampling seeds each the spreads do not tell the methods apart")
     if values[f"{b.lower()}_sampling_std"] > 0:
         values["sampling_std_ratio"] = values[f"{a.lower()}_sampling_std"] / values[f"{b.lower()}_sampling_std"]
     else:

@@ -70,6 +70,11 @@ def test_stability_and_alpha_counts():
     out = stability_summary(main, main, margin_noise=0.01)
     assert out.values["mtt_sampling_std"] == pytest.approx(100 * 0.0850490, abs=1e-4)  # std of 0.60, 0.52, 0.69
     assert out.values["loss_noise_diff"] == pytest.approx(-0.05)
+    assert "overlap" in out.values["sampling_std_text"]  # the same runs on both sides
+    steady = Comparison([{**r, "final_acc": 0.6 + 0.0001 * r["seed"]} if r["label"] == "MCT" else r
+                         for r in main.rows])
+    assert stability_summary(steady, main, 0.01).values["sampling_std_text"].startswith(
+        "MCT's interval lies wholly below MTT's")
     counts = alpha_summary(main)
     assert counts["mct_alpha_nonpositive_iterations"] == 2 and counts["mct_alpha_nonpositive_runs"] == 1
     assert counts["mtt_alpha_nonpositive_iterations"] == 0 and counts["mct_iterations"] == 30
